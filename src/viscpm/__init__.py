@@ -1,0 +1,3 @@
+"""viscpm: bilingual (Chinese/English) multimodal VisCPM models — chat about images, paint from text."""
+
+__version__ = "0.1.0"
