@@ -38,3 +38,8 @@ def official_to_ours(key: str, rules: KeyRules) -> str | None:
 def ours_to_official(key: str, rules: KeyRules) -> str | None:
     """The official name for one of our keys, or None when no rule covers it."""
     return _rename(key, rules, forward=False)
+
+
+def prefixed(rules: KeyRules, official_prefix: str, our_prefix: str) -> KeyRules:
+    """The same rules under a parent module (e.g. ``vpm.`` officially, ``vision.`` here)."""
+    return tuple((official_prefix + official, our_prefix + ours) for official, ours in rules)

@@ -1,0 +1,226 @@
+"""Reading, checking and writing checkpoints: official ``.pt`` files and our saved folders.
+
+* Official files (``viscpm_chat_*_checkpoint.pt``) are plain torch state dicts with the official
+  key names. They are read with ``weights_only=True`` (no code runs) and memory-mapped, and the
+  model is built on the meta device and *assigned* those tensors, so a 20 GB file is not copied.
+* Our folders hold ``config.json`` + ``model.safetensors`` (our key names) + ``vocab.txt``.
+* The architecture comes from a config — given, saved beside the weights, or a named preset whose
+  keys and shapes must match the checkpoint exactly. It is never guessed from the weights.
+
+Every failure is a ``CheckpointError`` that names the file and what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .models.keymap import KeyRules, official_to_ours, ours_to_official
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+VOCAB_NAME = "vocab.txt"
+MAX_LISTED = 8  # keys shown per category in an error message
+
+ConfigT = TypeVar("ConfigT")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint, config or vocab that cannot be used, with the reason and the file."""
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.pt``/``.bin`` (torch zip) or ``.safetensors`` file, memory-mapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (SafetensorError, RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as error:
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a torch/safetensors file): {error}") from None
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
+    return dict(state)
+
+
+def is_official(state: Mapping[str, torch.Tensor], rules: KeyRules) -> bool:
+    """True unless some key exists only under our names (some names, like ``mapping.0.weight``,
+    are the same in both)."""
+    return not any(ours_to_official(k, rules) is not None and official_to_ours(k, rules) is None for k in state)
+
+
+def rename_from_official(
+    state: Mapping[str, torch.Tensor], rules: KeyRules, unused: frozenset[str], source: Path
+) -> dict[str, torch.Tensor]:
+    """Official names -> ours; keys the forward never reads (``unused``) are dropped."""
+    renamed, unknown = {}, []
+    for key, tensor in state.items():
+        if key in unused:
+            continue
+        ours = official_to_ours(key, rules)
+        if ours is None:
+            unknown.append(key)
+        else:
+            renamed[ours] = tensor
+    if unknown:
+        raise CheckpointError(f"{source}: unexpected keys {_listing(unknown)}; is this the right kind of checkpoint?")
+    return renamed
+
+
+def rename_to_official(state: Mapping[str, torch.Tensor], rules: KeyRules) -> dict[str, torch.Tensor]:
+    return {ours_to_official(key, rules): tensor for key, tensor in state.items()}
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(sorted(keys)[:MAX_LISTED])
+    more = len(keys) - MAX_LISTED
+    return f"[{shown}{f', … and {more} more' if more > 0 else ''}]"
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: Path, rules: KeyRules | None = None) -> None:
+    """Raise one error listing missing, unexpected and mis-shaped keys (official names if
+    ``rules`` is given, since that is what the user's file holds)."""
+    name = (lambda k: ours_to_official(k, rules) or k) if rules else (lambda k: k)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [name(k) for k in expected if k not in state]
+    unexpected = [name(k) for k in state if k not in expected]
+    misshaped = [
+        f"{name(k)}: checkpoint {list(state[k].shape)} vs model {list(shape)}"
+        for k, shape in expected.items()
+        if k in state and tuple(state[k].shape) != shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_listing(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys {_listing(misshaped)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model config: " + "; ".join(problems))
+
+
+def recognise_preset(
+    state: Mapping[str, torch.Tensor],
+    presets: Mapping[str, ConfigT],
+    build: Callable[[ConfigT], nn.Module],
+    source: Path,
+) -> ConfigT:
+    """The preset whose model has exactly the checkpoint's keys and shapes (built on meta)."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for name, config in presets.items():
+        with torch.device("meta"):
+            model = build(config)
+        if {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes:
+            logger.info("%s matches the %s preset", source, name)
+            return config
+    raise CheckpointError(
+        f"{source} carries no config and matches none of the presets {sorted(presets)}; "
+        f"pass config_path= (or put a {CONFIG_NAME} beside the weights)"
+    )
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"config not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"config {path} is not valid JSON: {error}") from None
+
+
+def load_weights(
+    model_path: str | os.PathLike,
+    config_path: str | os.PathLike | None,
+    *,
+    config_from_dict: Callable[[dict], ConfigT],
+    presets: Mapping[str, ConfigT],
+    build: Callable[[ConfigT], nn.Module],
+    rules: KeyRules,
+    unused: frozenset[str] = frozenset(),
+) -> tuple[nn.Module, ConfigT, Path]:
+    """Build a model from a checkpoint file or our folder; returns (model, config, weights path).
+
+    Config order: ``config_path``; ``config.json`` beside the weights; a preset matched by keys
+    and shapes. The model is built on the meta device and takes the checkpoint's tensors as-is.
+    """
+    model_path = Path(model_path)
+    weights = model_path / WEIGHTS_NAME if model_path.is_dir() else model_path
+    state = read_state_dict(weights)
+    official = is_official(state, rules)
+    if official:
+        state = rename_from_official(state, rules, unused, weights)
+
+    beside = weights.parent / CONFIG_NAME
+    if config_path is not None:
+        config = _parse_config(config_from_dict, Path(config_path))
+    elif beside.is_file():
+        config = _parse_config(config_from_dict, beside)
+    else:
+        config = recognise_preset(state, presets, build, weights)
+
+    with torch.device("meta"):
+        model = build(config)
+    check_state_dict(model, state, weights, rules if official else None)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval(), config, weights
+
+
+def _parse_config(config_from_dict: Callable[[dict], ConfigT], path: Path) -> ConfigT:
+    try:
+        return config_from_dict(read_config(path))
+    except (TypeError, ValueError, KeyError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"config {path} is not a valid config: {error}") from None
+
+
+def find_vocab(weights: Path, vocab_path: str | os.PathLike | None) -> Path:
+    """The vocab given, else ``vocab.txt`` beside the weights."""
+    path = Path(vocab_path) if vocab_path is not None else weights.parent / VOCAB_NAME
+    if not path.is_file():
+        hint = "" if vocab_path is not None else " (pass vocab_path=, the CPM-Bee bee-format vocab)"
+        raise CheckpointError(f"vocab not found: {path}{hint}")
+    return path
+
+
+def save_folder(model: nn.Module, config: Any, folder: str | os.PathLike, vocab_path: Path | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ ``vocab.txt``) into ``folder``.
+
+    Each file is written to a temporary name and renamed, so an interrupted save never leaves a
+    half-written file under the real name.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
+    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config.to_dict(), indent=2, ensure_ascii=False)))
+    if vocab_path is not None:
+        data = Path(vocab_path).read_bytes()
+        _atomic_write(folder / VOCAB_NAME, lambda tmp: Path(tmp).write_bytes(data))
+    return folder
+
+
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
