@@ -1,0 +1,276 @@
+"""VisCPMChat: talk about images in Chinese or English. A thin pipeline with no model math:
+check inputs → build the structured prompt → encode the image → decode → text.
+
+The seed API matches the official one, so VisCPM users can switch::
+
+    chat = VisCPMChat("viscpm_chat_zhplus_checkpoint.pt", vocab_path="vocab.txt")
+    answer, context, vision_hidden_states = chat.chat(image, "图片里有什么？")
+    answer, context, _ = chat.chat(image, "What colour is it?", context, vision_hidden_states)
+
+Beyond it: greedy/sampled decoding with a seed, streaming (``stream_chat``), stop strings,
+batches of (image, question) pairs (``batch_chat``), text-only turns (``image=None``) and a new
+image in the middle of a conversation (pass it with ``vision_hidden_states=None``).
+
+Text conventions: the ``context`` string is in the prompt's own markup, where a literal ``<`` is
+written ``<<``; questions and answers are escaped into it here. Returned answers are plain text.
+(The official code escapes neither, so a ``<`` in a question crashed it and answers could show
+``<<``.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..checkpoints import find_vocab, load_weights, save_folder
+from ..generation import AnswerTokens, GenerationConfig, beam_search, group_by_slot, stream_tokens
+from ..image_processing import DEFAULT_MAX_PIXELS, ImageInput, ImageTransform, load_image
+from ..models.chat import CHAT_KEY_RULES, CHAT_PRESETS, CHAT_UNUSED_OFFICIAL_KEYS, ChatConfig, ChatModel
+from ..prompt import GenerationPrompt, pack_for_generation
+from ..tokenization import CPMBeeTokenizer
+from .defaults import default_model_path
+
+logger = logging.getLogger(__name__)
+
+MAX_PROMPT_TOKENS = 3000  # the official max_inp_length; longer prompts are refused, not truncated
+GENERATION_ALIASES = {"beam_size": "num_beams"}  # official option names
+
+
+class RefusedImage(ValueError):
+    """The image safety checker flagged the input image."""
+
+
+def append_turn(context: str, question: str, answer: str) -> str:
+    """The conversation so far plus one turn, in the official ``User: …\\nAI: …\\n`` form."""
+    return f"{context}User: {CPMBeeTokenizer.escape(question)}\nAI: {CPMBeeTokenizer.escape(answer)}\n"
+
+
+def generation_config(**options) -> GenerationConfig:
+    """A GenerationConfig from keyword options (official names such as ``beam_size`` accepted)."""
+    names = {f.name for f in dataclasses.fields(GenerationConfig)}
+    resolved = {}
+    for key, value in options.items():
+        key = GENERATION_ALIASES.get(key, key)
+        if key not in names:
+            raise TypeError(f"unknown generation option {key!r}; known: {sorted(names | set(GENERATION_ALIASES))}")
+        resolved[key] = tuple([value] if isinstance(value, str) else value) if key == "stop" else value
+    return GenerationConfig(**resolved)
+
+
+class _StopText:
+    """Cuts streamed text at the first stop string, holding back a tail that might begin one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        self.pending += piece
+        for stop in self.stops:
+            at = self.pending.find(stop)
+            if at >= 0:
+                self.stopped = True
+                out, self.pending = self.pending[:at], ""
+                return out
+        hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out) :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    cutter = _StopText(stops)
+    out = cutter.feed(text)
+    return out if cutter.stopped else out + cutter.flush()
+
+
+class VisCPMChat:
+    """Chat about images. ``model_path``: an official ``.pt``, our saved folder, or None for the
+    model shipped with the package."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike | None = None,
+        config_path: str | os.PathLike | None = None,
+        vocab_path: str | os.PathLike | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        image_safety_checker: bool | Callable[[Image.Image], bool] = False,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        if model_path is None:
+            model_path = default_model_path("chat")
+        model, config, weights = load_weights(
+            model_path, config_path, config_from_dict=ChatConfig.from_dict, presets=CHAT_PRESETS,
+            build=ChatModel, rules=CHAT_KEY_RULES, unused=CHAT_UNUSED_OFFICIAL_KEYS,
+        )
+        self.vocab_path = find_vocab(weights, vocab_path)
+        self.tokenizer = CPMBeeTokenizer(self.vocab_path)
+        if self.tokenizer.vocab_size != config.llm.vocab_size:
+            raise ValueError(
+                f"vocab {self.vocab_path} has {self.tokenizer.vocab_size} tokens but the model expects "
+                f"{config.llm.vocab_size}; pass the vocab that belongs to {weights}"
+            )
+        self.model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+        self.config = config
+        self.device = torch.device(device)
+        self.transform = ImageTransform(config.vision.image_size)
+        self.max_image_pixels = max_image_pixels
+        if image_safety_checker is True:
+            raise ValueError("no image safety checker is bundled yet; pass a callable or image_safety_checker=False")
+        self.image_safety_checker = image_safety_checker or None
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def _load(self, image: ImageInput) -> Image.Image:
+        image = load_image(image, max_pixels=self.max_image_pixels)
+        if self.image_safety_checker is not None and self.image_safety_checker(image):
+            raise RefusedImage("the input image was flagged by the image safety checker; no answer is given")
+        return image
+
+    @torch.no_grad()
+    def encode_image(self, image: ImageInput) -> torch.Tensor:
+        """Vision hidden states (1, Q, d) of one image, to reuse over several turns."""
+        return self.encode_images([image])
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        pixel_values = self.transform([self._load(image) for image in images]).to(self.device)
+        return self.model.encode_images(pixel_values.to(self.model.vision.patch_embed.weight.dtype))
+
+    def _prepare(
+        self,
+        images: Sequence[ImageInput | None],
+        questions: Sequence[str],
+        contexts: Sequence[str],
+        vision_hidden_states: Sequence[torch.Tensor | None],
+    ) -> tuple[GenerationPrompt, torch.Tensor, list[torch.Tensor | None]]:
+        """Pack the prompts, encode the images that have no states yet, inject them."""
+        for question in questions:
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError("the question is empty; ask something about the image")
+        states: list[torch.Tensor | None] = list(vision_hidden_states)
+        to_encode = [i for i, (image, s) in enumerate(zip(images, states)) if s is None and image is not None]
+        if to_encode:
+            encoded = self.encode_images([images[i] for i in to_encode])
+            for row, i in enumerate(to_encode):
+                states[i] = encoded[row : row + 1]
+        has_image = [s is not None for s in states]
+        prompt = pack_for_generation(
+            self.tokenizer,
+            [{"context": c, "question": CPMBeeTokenizer.escape(q)} for c, q in zip(contexts, questions)],
+            [self.config.query_num if image else 0 for image in has_image],
+            max_inp_length=MAX_PROMPT_TOKENS,
+        ).to(self.device)
+        inputs = prompt.inputs
+        vision = None
+        if any(has_image):
+            dim = self.config.llm.dim_model
+            zeros = inputs.input_ids.new_zeros((1, self.config.query_num, dim), dtype=self.model.llm.embed.weight.dtype)
+            vision = torch.cat([s.to(zeros) if s is not None else zeros for s in states])
+        embeds = self.model.embed(inputs.input_ids, inputs.input_id_subs, inputs.image_bound, vision)
+        return prompt, embeds, states
+
+    def _answer_text(self, prompt: GenerationPrompt, sample: int, tokens: AnswerTokens) -> str:
+        ids = group_by_slot(tokens, self.tokenizer.eos_id).get(1, [])
+        return CPMBeeTokenizer.unescape(self.tokenizer.decode(ids, prompt.rev_ext_tables[sample]))
+
+    # -- public API --------------------------------------------------------------------------
+
+    def _generate(self, images, questions, contexts, vision_hidden_states, options) -> tuple[list[str], list]:
+        config = generation_config(**options)
+        prompt, embeds, states = self._prepare(images, questions, contexts, vision_hidden_states)
+        if config.do_sample or config.num_beams == 1:
+            answers: list[AnswerTokens] = [[] for _ in questions]
+            for produced in stream_tokens(self.model.llm, prompt, config, embeds):
+                for sample, token, slot in produced:
+                    answers[sample].append((token, slot))
+        else:
+            answers = beam_search(self.model.llm, prompt, config, embeds)
+        texts = [cut_at_stop(self._answer_text(prompt, i, a), config.stop) for i, a in enumerate(answers)]
+        return texts, states
+
+    @torch.no_grad()
+    def chat(
+        self,
+        image: ImageInput | None,
+        question: str,
+        context: str = "",
+        vision_hidden_states: torch.Tensor | None = None,
+        **generation_options,
+    ) -> tuple[str, str, torch.Tensor | None]:
+        """One turn. Returns ``(answer, context with this turn appended, vision_hidden_states)``.
+
+        ``max_length=N`` reproduces the official answers for the same N (up to N + 2 tokens);
+        ``max_new_tokens=N`` caps the answer at N tokens.
+        """
+        answers, states = self._generate([image], [question], [context], [vision_hidden_states], generation_options)
+        return answers[0], append_turn(context, question, answers[0]), states[0]
+
+    @torch.no_grad()
+    def batch_chat(
+        self,
+        images: Sequence[ImageInput | None],
+        questions: Sequence[str],
+        contexts: Sequence[str] | None = None,
+        vision_hidden_states: Sequence[torch.Tensor | None] | None = None,
+        **generation_options,
+    ) -> list[str]:
+        """Answer many (image, question) pairs in one padded batch; equals one-at-a-time answers."""
+        n = len(questions)
+        contexts = list(contexts) if contexts is not None else [""] * n
+        vision_hidden_states = list(vision_hidden_states) if vision_hidden_states is not None else [None] * n
+        if not len(images) == len(contexts) == len(vision_hidden_states) == n:
+            raise ValueError("images, questions, contexts and vision_hidden_states must have the same length")
+        return self._generate(images, questions, contexts, vision_hidden_states, generation_options)[0]
+
+    @torch.no_grad()
+    def stream_chat(
+        self,
+        image: ImageInput | None,
+        question: str,
+        context: str = "",
+        vision_hidden_states: torch.Tensor | None = None,
+        **generation_options,
+    ) -> Iterator[str]:
+        """Yield the answer as text pieces while it is generated (greedy unless ``do_sample``).
+
+        Beam search cannot stream, so ``num_beams`` is ignored here. Use ``append_turn`` with the
+        joined pieces to continue the conversation.
+        """
+        generation_options.setdefault("num_beams", 1)
+        config = generation_config(**generation_options)
+        prompt, embeds, _ = self._prepare([image], [question], [context], [vision_hidden_states])
+        table = prompt.rev_ext_tables[0]
+        cutter = _StopText(config.stop)
+        tokens = stream_tokens(self.model.llm, prompt, config, embeds)
+        try:
+            for produced in tokens:
+                for _, token, slot in produced:
+                    if slot != 1 or token == self.tokenizer.eos_id:
+                        continue
+                    piece = cutter.feed(CPMBeeTokenizer.unescape(self.tokenizer.decode([token], table)))
+                    if piece:
+                        yield piece
+                    if cutter.stopped:
+                        return
+            tail = cutter.flush()
+            if tail:
+                yield tail
+        finally:
+            tokens.close()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write config.json + model.safetensors + vocab.txt (loadable with ``VisCPMChat(folder)``)."""
+        return save_folder(self.model, self.config, folder, self.vocab_path)

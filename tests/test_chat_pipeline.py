@@ -1,0 +1,182 @@
+"""VisCPMChat end to end on the tiny official-format checkpoint: the official beam-search answers
+for both golden turns, plus the things the official chat could not do."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from viscpm.checkpoints import CheckpointError
+from viscpm.image_processing import ImageError
+from viscpm.pipelines.chat import VisCPMChat, append_turn, cut_at_stop
+
+from .test_chat_model import official_tiny_state
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(reference, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("official")
+    torch.save(official_tiny_state(reference, with_mim_head=True), folder / "viscpm_chat_tiny_checkpoint.pt")
+    shutil.copy(reference / "cpmbee" / "vocab.txt", folder / "vocab.txt")  # a user's layout, in a temp dir
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chat(reference, checkpoint_dir):
+    return VisCPMChat(checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt",
+                      config_path=reference / "chat" / "tiny_viscpm_chat_config.json")
+
+
+@pytest.fixture(scope="module")
+def generate_golden(reference):
+    return json.loads((reference / "chat" / "tiny_viscpm_chat_generate.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def image(reference):
+    return Image.open(reference / "data" / "figures" / "vlu_case1.png").convert("RGB")
+
+
+def test_two_turns_reproduce_official_beam_search(chat, generate_golden, image, reference):
+    from safetensors.torch import load_file
+
+    golden = load_file(reference / "chat" / "tiny_viscpm_chat_golden.safetensors")
+    turn1, turn2 = generate_golden["turns"]
+    answer, context, states = chat.chat(image, turn1["question"], turn1["context_in"], max_length=16)
+    assert answer == turn1["answer"]
+    assert context == turn1["context_out"]
+    torch.testing.assert_close(states, golden["turn1.returned_vision_hidden_states"], rtol=1e-4, atol=1e-5)
+    answer, context, states2 = chat.chat(image, turn2["question"], context, states, max_length=16)
+    assert answer == turn2["answer"]
+    assert context == turn2["context_out"]
+    assert states2 is states  # reused, not re-encoded
+
+
+def test_beam_search_token_ids_match_official(chat, generate_golden, image):
+    from viscpm.generation import beam_search
+    from viscpm.pipelines.chat import generation_config
+
+    turn1 = generate_golden["turns"][0]
+    prompt, embeds, _ = chat._prepare([image], [turn1["question"]], [""], [None])
+    tokens = beam_search(chat.model.llm, prompt, generation_config(max_length=16), embeds)[0]
+    assert [list(t) for t in tokens] == turn1["decode"]["result_ids"][0]
+    assert len(tokens) == 18  # the official length quirk: max_length + 2 when no eos comes
+
+
+def test_max_new_tokens_caps_the_answer(chat, image):
+    from viscpm.generation import beam_search, stream_tokens
+    from viscpm.pipelines.chat import generation_config
+
+    prompt, embeds, _ = chat._prepare([image], ["What is in the image?"], [""], [None])
+    for n in (1, 5):
+        assert len(beam_search(chat.model.llm, prompt, generation_config(max_new_tokens=n), embeds)[0]) == n
+        steps = list(stream_tokens(chat.model.llm, prompt, generation_config(max_new_tokens=n, num_beams=1), embeds))
+        assert sum(len(s) for s in steps) == n
+
+
+def test_greedy_and_seeded_sampling(chat, image):
+    greedy = chat.chat(image, "What is in the image?", num_beams=1, max_new_tokens=8)[0]
+    assert greedy == chat.chat(image, "What is in the image?", num_beams=1, max_new_tokens=8)[0]
+    sampled = [chat.chat(image, "What is in the image?", do_sample=True, seed=s, temperature=1.5, top_p=0.95,
+                         top_k=50, max_new_tokens=8)[0] for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]
+    assert sampled[0] != sampled[2]
+
+
+def test_streaming_pieces_join_to_the_greedy_answer(chat, image):
+    pieces = list(chat.stream_chat(image, "What is in the image?", max_new_tokens=10))
+    assert len(pieces) > 1
+    assert "".join(pieces) == chat.chat(image, "What is in the image?", num_beams=1, max_new_tokens=10)[0]
+
+
+def test_stop_string_cuts_answers(chat, image, generate_golden):
+    full = generate_golden["turns"][0]["answer"]
+    stop = "Android"
+    expected = full[: full.index(stop)]
+    assert chat.chat(image, "What is in the image?", max_length=16, stop=[stop])[0] == expected
+    streamed = "".join(chat.stream_chat(image, "What is in the image?", max_new_tokens=18, stop=stop))
+    greedy = chat.chat(image, "What is in the image?", num_beams=1, max_new_tokens=18)[0]
+    assert streamed == cut_at_stop(greedy, [stop])
+
+
+def test_cut_at_stop_holds_partial_matches():
+    assert cut_at_stop("abc</end>def", ["</end>"]) == "abc"
+    assert cut_at_stop("abc</en", ["</end>"]) == "abc</en"  # no full stop string: nothing cut
+
+
+@pytest.mark.parametrize("options", [dict(max_length=16), dict(num_beams=1, max_new_tokens=10)])
+def test_batched_answers_equal_one_at_a_time(chat, reference, image, options):
+    other = Image.open(reference / "data" / "figures" / "vlu_case2.jpeg")
+    images = [image, other, None]
+    questions = ["What is in the image?", "请详细描述这张图片。", "Tell me a story about a long journey home."]
+    contexts = ["", "User: 你好\nAI: 你好！\n", ""]
+    batched = chat.batch_chat(images, questions, contexts, **options)
+    single = [chat.chat(i, q, c, **options)[0] for i, q, c in zip(images, questions, contexts)]
+    assert batched == single
+
+
+def test_text_only_turn_and_new_image_mid_conversation(chat, image, reference):
+    answer, context, states = chat.chat(None, "Hello, who are you?", max_new_tokens=4)
+    assert states is None and answer and context.startswith("User: Hello, who are you?\nAI: ")
+    answer2, context2, states2 = chat.chat(image, "What is in the image?", context, max_new_tokens=4)
+    assert states2 is not None and context2.startswith(context)
+    other = Image.open(reference / "data" / "figures" / "vlu_case3.jpg")
+    answer3, context3, states3 = chat.chat(other, "And now?", context2, None, max_new_tokens=4)
+    assert context3.startswith(context2)
+    assert not torch.allclose(states3, states2)  # the new image was encoded
+
+
+def test_question_with_markup_characters_is_escaped(chat, image):
+    """The official converter crashed on '<' in user text; here it is plain text."""
+    question = "What does <b>bold</b> mean? 1 < 2"
+    answer, context, _ = chat.chat(image, question, max_new_tokens=3)
+    assert context.startswith("User: What does <<b>bold<</b>")
+    answer2, _, _ = chat.chat(image, "and?", context, max_new_tokens=3)  # the context re-parses fine
+    assert isinstance(answer2, str)
+    assert append_turn("", "a<b", "c<d") == "User: a<<b\nAI: c<<d\n"
+
+
+def test_bad_inputs_give_clear_errors(chat, image, tmp_path):
+    with pytest.raises(ValueError, match="question is empty"):
+        chat.chat(image, "   ")
+    with pytest.raises(ValueError, match="limit"):
+        chat.chat(image, "why " * 4000)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(ImageError):
+        chat.chat(corrupt, "What is in the image?")
+    with pytest.raises(TypeError, match="unknown generation option 'beams'"):
+        chat.chat(image, "What is in the image?", beams=2)
+    with pytest.raises(ValueError, match="temperature"):
+        chat.chat(image, "What is in the image?", temperature=0)
+
+
+def test_missing_vocab_and_wrong_vocab(reference, checkpoint_dir, tmp_path):
+    lonely = tmp_path / "ckpt.pt"
+    shutil.copy(checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt", lonely)
+    config = reference / "chat" / "tiny_viscpm_chat_config.json"
+    with pytest.raises(CheckpointError, match="vocab not found"):
+        VisCPMChat(lonely, config_path=config)
+    short_vocab = tmp_path / "short.txt"
+    short_vocab.write_text("\n".join((reference / "cpmbee" / "vocab.txt").read_text().splitlines()[:1000]))
+    with pytest.raises(ValueError, match="1000 tokens but the model expects 86583"):
+        VisCPMChat(lonely, config_path=config, vocab_path=short_vocab)
+
+
+def test_save_pretrained_round_trip(chat, image, tmp_path):
+    folder = chat.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
+    reloaded = VisCPMChat(folder)
+    kwargs = dict(num_beams=1, max_new_tokens=6)
+    assert reloaded.chat(image, "What is in the image?", **kwargs)[0] == chat.chat(image, "What is in the image?", **kwargs)[0]
+
+
+def test_default_model_missing_is_a_clear_error(monkeypatch):
+    from viscpm.pipelines import defaults
+
+    monkeypatch.setattr(defaults.resources, "files", lambda _: defaults.Path("/nonexistent"))
+    with pytest.raises(FileNotFoundError, match="no default chat model"):
+        VisCPMChat()
