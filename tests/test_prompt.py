@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE, load_json
+from .conftest import REFERENCE, load_json
 from safetensors.torch import load_file
 
 from viscpm.prompt import (

@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from conftest import REFERENCE, load_json
+from .conftest import REFERENCE, load_json
 
 from viscpm.tokenization import CPMBeeTokenizer, Token
 

@@ -1,0 +1,138 @@
+"""The ``viscpm`` command: a thin shell over the pipelines.
+
+    viscpm chat --image cat.png "What is in the image?"     # one question
+    viscpm chat --image cat.png                              # interactive, streamed
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from . import __version__
+
+CHAT_HELP = """Chat about an image, in Chinese or English.
+
+With a question: print one answer. Without: an interactive conversation where answers stream as
+they are written. Commands there: `:image PATH` switch to another image (the conversation is
+kept), `clear` start over, `stop` or Ctrl-D quit.
+
+对图片提问（中文或英文）。不带问题时进入多轮对话：`:image 路径` 换图，`clear` 清空，`stop` 退出。"""
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="official .pt checkpoint or a saved folder (default: the packaged model)")
+    parser.add_argument("--config", help="config JSON, when the checkpoint has none beside it")
+    parser.add_argument("--vocab", help="CPM-Bee vocab (default: vocab.txt beside the checkpoint)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def _add_chat_parser(commands) -> None:
+    parser = commands.add_parser("chat", help="chat about an image / 图片对话", description=CHAT_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("question", nargs="?", help="ask once and exit; omit for an interactive chat")
+    parser.add_argument("--image", help="image file (omit for a text-only conversation)")
+    _add_model_options(parser)
+    decoding = parser.add_argument_group("decoding")
+    decoding.add_argument("--beams", type=int, default=None,
+                          help="beam size (default 3 for one-shot answers as in VisCPM; interactive answers stream greedily)")
+    decoding.add_argument("--sample", action="store_true", help="sample instead of beam search / greedy")
+    decoding.add_argument("--temperature", type=float, default=0.7)
+    decoding.add_argument("--top-p", type=float, default=1.0)
+    decoding.add_argument("--top-k", type=int, default=0)
+    decoding.add_argument("--seed", type=int, default=None, help="random seed for --sample")
+    decoding.add_argument("--max-new-tokens", type=int, default=256)
+    decoding.add_argument("--repetition-penalty", type=float, default=1.1)
+    decoding.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    parser.set_defaults(run=run_chat)
+
+
+def _generation_options(args: argparse.Namespace) -> dict:
+    options = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   seed=args.seed, max_new_tokens=args.max_new_tokens,
+                   repetition_penalty=args.repetition_penalty, stop=tuple(args.stop))
+    if args.beams is not None:
+        options["num_beams"] = args.beams
+    return options
+
+
+def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    from .pipelines.chat import VisCPMChat, append_turn
+
+    chat = VisCPMChat(args.model, args.config, args.vocab, device=args.device)
+    options = _generation_options(args)
+    if args.question is not None:
+        answer, _, _ = chat.chat(args.image, args.question, **options)
+        print(answer, file=stdout)
+        return 0
+
+    image, context, states = args.image, "", None
+    print("viscpm chat — `:image PATH` 换图 / switch image, `clear` 清空 / reset, `stop` 退出 / quit", file=stdout)
+    while True:
+        print("User: ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() == "stop":
+            print(file=stdout)
+            return 0
+        question = line.strip()
+        if not question:
+            continue
+        if question == "clear":
+            context, states = "", None
+            print("(conversation cleared / 已清空)", file=stdout)
+            continue
+        if question.startswith(":image"):
+            path = question[len(":image"):].strip() or None
+            try:  # encode now, so a bad file is reported at once and the old image stays
+                image, states = path, chat.encode_image(path) if path else None
+                print(f"(image: {image or 'none'})", file=stdout)
+            except ValueError as error:
+                print(f"error: {error}", file=stdout)
+            continue
+        try:
+            if states is None and image is not None:
+                states = chat.encode_image(image)
+            print("AI: ", end="", file=stdout, flush=True)
+            pieces = []
+            for piece in chat.stream_chat(image, question, context, states, **options):
+                pieces.append(piece)
+                print(piece, end="", file=stdout, flush=True)
+            print(file=stdout)
+            context = append_turn(context, question, "".join(pieces))
+        except ValueError as error:  # bad image or prompt: say so and keep the conversation
+            print(f"\nerror: {error}", file=stdout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="viscpm", description="Bilingual multimodal VisCPM models: chat about images, paint from text.")
+    parser.add_argument("--version", action="version", version=f"viscpm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(commands)
+    return parser
+
+
+SUBCOMMANDS: list[Callable] = [_add_chat_parser]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"viscpm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

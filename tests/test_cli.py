@@ -1,0 +1,52 @@
+"""The `viscpm` command over the tiny official-format checkpoint."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from viscpm.cli import build_parser, main, run_chat
+
+from .test_chat_pipeline import checkpoint_dir  # noqa: F401  (fixture)
+
+
+@pytest.fixture()
+def model_args(reference, checkpoint_dir):  # noqa: F811
+    return ["--model", str(checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt"),
+            "--config", str(reference / "chat" / "tiny_viscpm_chat_config.json")]
+
+
+def test_one_shot_chat_prints_the_official_answer(reference, model_args, capsys):
+    golden = json.loads((reference / "chat" / "tiny_viscpm_chat_generate.json").read_text())["turns"][0]
+    image = str(reference / "data" / "figures" / "vlu_case1.png")
+    # --max-new-tokens 18 with beam 3 is the official max_length=16 (18 tokens)
+    assert main(["chat", *model_args, "--image", image, "--beams", "3", "--max-new-tokens", "18", golden["question"]]) == 0
+    assert capsys.readouterr().out.strip() == golden["answer"].strip()
+
+
+def test_interactive_chat_streams_switches_images_and_clears(reference, model_args):
+    figures = reference / "data" / "figures"
+    args = build_parser().parse_args(["chat", *model_args, "--image", str(figures / "vlu_case1.png"),
+                                      "--max-new-tokens", "4"])
+    session = "\n".join(["What is in the image?", f":image {figures / 'vlu_case2.jpeg'}", "这是什么？",
+                         ":image /no/such/file.png", "still there?", "clear", "Hi", "stop"]) + "\n"
+    out = io.StringIO()
+    assert run_chat(args, stdin=io.StringIO(session), stdout=out) == 0
+    text = out.getvalue()
+    assert text.count("AI: ") == 4
+    assert "error: " in text and "file.png" in text  # a bad image is reported, the chat goes on
+    assert "(conversation cleared" in text
+
+
+def test_errors_exit_cleanly(model_args, capsys):
+    assert main(["chat", *model_args, "--image", "/no/such.png", "hello"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_help_reads_in_both_languages():
+    result = subprocess.run([sys.executable, "-m", "viscpm.cli", "chat", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "Chat about an image" in result.stdout and "图片" in result.stdout
