@@ -510,3 +510,9 @@ def _left_pad(samples: Sequence[_PackedSample], ext_columns: Mapping[tuple[int, 
         ext_table_sub=torch.tensor([s for _, s in ext_columns], dtype=torch.long),
         image_bound=torch.from_numpy(_stack_image_bounds(bounds)),
     )
+
+
+def append_turn(context: str, question: str, answer: str) -> str:
+    """The conversation so far plus one turn, in the official ``User: …\\nAI: …\\n`` form,
+    with the user's and the model's text escaped into the prompt markup."""
+    return f"{context}User: {CPMBeeTokenizer.escape(question)}\nAI: {CPMBeeTokenizer.escape(answer)}\n"

@@ -86,23 +86,25 @@ class ChatModel(nn.Module):
         image_bound: torch.Tensor | None = None,
         vision_hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with each row's image placeholders replaced by its vision states.
+        """Token embeddings with the image placeholders replaced by vision states.
 
-        ``image_bound`` (B, 1, 2) holds [begin, end) of the placeholders; rows whose bound is
-        empty (end == begin, a text-only prompt) keep their token embeddings.
+        ``image_bound`` (B, 1, 2) holds [begin, end) of each row's placeholders; a row whose bound
+        is empty (a text-only prompt) keeps its token embeddings. ``vision_hidden_states``
+        (B', Q, d) has one entry per row *with* an image, in row order.
         """
         embeds = self.llm.embed_tokens(input_ids, input_id_subs)  # (B, L, d)
         if vision_hidden_states is None:
             return embeds
         bound = image_bound[:, 0]  # (B, 2)
-        has_image = bound[:, 1] > bound[:, 0]
+        rows = (bound[:, 1] > bound[:, 0]).nonzero().view(-1)  # (B',)
         query_num = vision_hidden_states.size(1)
-        if not bool(((bound[:, 1] - bound[:, 0])[has_image] == query_num).all()):
+        if len(rows) != vision_hidden_states.size(0):
+            raise ValueError(f"{len(rows)} prompts have image placeholders but {vision_hidden_states.size(0)} images were given")
+        if not bool((bound[rows, 1] - bound[rows, 0] == query_num).all()):
             raise ValueError(f"image placeholders {bound.tolist()} do not hold {query_num} query tokens")
-        rows = has_image.nonzero().view(-1)
         positions = bound[rows, :1] + torch.arange(query_num, device=bound.device)  # (B', Q)
         embeds = embeds.clone()
-        embeds[rows[:, None], positions] = vision_hidden_states[rows].to(embeds.dtype)
+        embeds[rows[:, None], positions] = vision_hidden_states.to(embeds.dtype)
         return embeds
 
     def forward(
@@ -115,6 +117,7 @@ class ChatModel(nn.Module):
         **llm_inputs: torch.Tensor,
     ) -> CPMBeeOutput:
         """Training-style full pass: images (or precomputed states) in, logits over the prompt out.
+        ``pixel_values`` has one image per row with image placeholders (text-only rows have none);
         ``llm_inputs`` are the remaining CPM-Bee arrays (position, context, segments, ext table)."""
         if vision_hidden_states is None and pixel_values is not None:
             vision_hidden_states = self.encode_images(pixel_values)

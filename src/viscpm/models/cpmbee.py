@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .keymap import KeyRules
@@ -91,13 +92,13 @@ class RMSNorm(nn.Module):
         return (x * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
 
 
-class ScaledLinear(nn.Module):
+class ScaledLinear(nn.Linear):
     """Bias-free linear layer divided by sqrt(fan-in); ``scale_input`` moves the division before
-    the matmul (the official FFN output does this, and rounding depends on it)."""
+    the matmul (the official FFN output does this, and rounding depends on it). A ``nn.Linear``
+    subclass so that adapters (peft LoRA) and quantizers recognise it."""
 
     def __init__(self, dim_in: int, dim_out: int, scale_input: bool = False):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(dim_out, dim_in))
+        super().__init__(dim_in, dim_out, bias=False)
         self.scale = math.sqrt(dim_in)
         self.scale_input = scale_input
 
@@ -350,6 +351,17 @@ class CPMBee(nn.Module):
         self.position_bias = SegmentPositionBias(config)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_norm = RMSNorm(config.dim_model, config.eps)
+        self.gradient_checkpointing = False  # recompute layer activations in backward (big models)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random init for training from scratch. Every projection divides by sqrt(fan-in), so
+        unit-variance weights give unit-variance outputs; the embedding is divided by sqrt(d) too."""
+        for module in self.modules():
+            if isinstance(module, ScaledLinear):
+                nn.init.normal_(module.weight, std=1.0)
+        nn.init.normal_(self.embed.weight, std=1.0)
+        nn.init.normal_(self.position_bias.weight, std=0.02)
 
     def embed_tokens(self, input_ids: torch.Tensor, input_id_subs: torch.Tensor) -> torch.Tensor:
         """Token embedding / sqrt(d), rotated by the sub id."""
@@ -406,7 +418,10 @@ class CPMBee(nn.Module):
 
         h = self.embed_tokens(input_ids, input_id_subs) if inputs_embeds is None else inputs_embeds
         for index, layer in enumerate(self.layers):
-            h = layer(h, attn_bias, valid_rows, cache, index)
+            if self.gradient_checkpointing and self.training and cache is None:
+                h = torch.utils.checkpoint.checkpoint(layer, h, attn_bias, valid_rows, None, index, use_reentrant=False)
+            else:
+                h = layer(h, attn_bias, valid_rows, cache, index)
         if cache is not None:
             cache.advance(input_ids.size(1))
         h = self.final_norm(h)

@@ -31,7 +31,7 @@ from ..checkpoints import find_vocab, load_weights, save_folder
 from ..generation import AnswerTokens, GenerationConfig, beam_search, group_by_slot, stream_tokens
 from ..image_processing import DEFAULT_MAX_PIXELS, ImageInput, ImageTransform, load_image
 from ..models.chat import CHAT_KEY_RULES, CHAT_PRESETS, CHAT_UNUSED_OFFICIAL_KEYS, ChatConfig, ChatModel
-from ..prompt import GenerationPrompt, pack_for_generation
+from ..prompt import GenerationPrompt, append_turn, pack_for_generation
 from ..tokenization import CPMBeeTokenizer
 from .defaults import default_model_path
 
@@ -43,11 +43,6 @@ GENERATION_ALIASES = {"beam_size": "num_beams"}  # official option names
 
 class RefusedImage(ValueError):
     """The image safety checker flagged the input image."""
-
-
-def append_turn(context: str, question: str, answer: str) -> str:
-    """The conversation so far plus one turn, in the official ``User: …\\nAI: …\\n`` form."""
-    return f"{context}User: {CPMBeeTokenizer.escape(question)}\nAI: {CPMBeeTokenizer.escape(answer)}\n"
 
 
 def generation_config(**options) -> GenerationConfig:
@@ -174,11 +169,8 @@ class VisCPMChat:
             max_inp_length=MAX_PROMPT_TOKENS,
         ).to(self.device)
         inputs = prompt.inputs
-        vision = None
-        if any(has_image):
-            dim = self.config.llm.dim_model
-            zeros = inputs.input_ids.new_zeros((1, self.config.query_num, dim), dtype=self.model.llm.embed.weight.dtype)
-            vision = torch.cat([s.to(zeros) if s is not None else zeros for s in states])
+        image_states = [s.to(self.device) for s in states if s is not None]
+        vision = torch.cat(image_states) if image_states else None
         embeds = self.model.embed(inputs.input_ids, inputs.input_id_subs, inputs.image_bound, vision)
         return prompt, embeds, states
 

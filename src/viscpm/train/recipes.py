@@ -1,0 +1,257 @@
+"""VisCPM's training recipe as named stages. Each stage function reads top to bottom:
+load the model and set what trains → build the examples → say how to batch and score them.
+The loop itself (accelerate, checkpoints, logging) is shared: ``engine.train``.
+
+    lm          CPM-Bee on structured text prompts (loss on the answer): a bilingual LLM from text
+    chat-align  stage 1: LLM frozen; vision encoder, queries and mapping learn from captions
+    chat-sft    stage 2: everything (or LoRA on the LLM) on instruction conversations
+    vae         an AutoencoderKL for worlds without a pretrained VAE (small models)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoints import find_vocab, load_weights, save_folder
+from ..image_processing import ImageTransform
+from ..models.chat import CHAT_KEY_RULES, CHAT_PRESETS, CHAT_UNUSED_OFFICIAL_KEYS, ChatConfig, ChatModel
+from ..models.cpmbee import CPMBEE_KEY_RULES, CPMBEE_PRESETS, CPMBee, CPMBeeConfig
+from ..prompt import IGNORE_INDEX, BeeInputs, ConvertedPrompt, collate_for_forward, convert_data_to_id
+from ..tokenization import UNK_TOKEN, CPMBeeTokenizer
+from .config import ModelSection, TrainConfig
+from .data import BadRecord, Record, RecordSource, conversation_turns
+from .engine import Recipe
+from .lora import add_lora, merge_lora
+
+logger = logging.getLogger(__name__)
+
+# Stage 1 asks for a caption with one of these (English: the multimodal data is English-only).
+CAPTION_INSTRUCTIONS = (
+    "Describe the image briefly.",
+    "What is in the picture?",
+    "Give a short caption for this image.",
+    "Summarize the image in one sentence.",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models in and out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"model config not found: {path}") from None
+
+
+def load_lm(section: ModelSection) -> tuple[CPMBee, CPMBeeConfig, Path]:
+    """A CPM-Bee from a saved folder (``init``) or fresh from ``config`` + ``vocab``."""
+    if section.init is not None:
+        model, config, weights = load_weights(section.init, None, config_from_dict=CPMBeeConfig.from_dict,
+                                              presets=CPMBEE_PRESETS, build=CPMBee, rules=CPMBEE_KEY_RULES)
+        return model.float().requires_grad_(True), config, find_vocab(weights, section.vocab)
+    if section.config is None or section.vocab is None:
+        raise ValueError("[model] needs init = a saved model, or config = … and vocab = … for a fresh one")
+    config = CPMBeeConfig.from_dict(_read_json(section.config))
+    return CPMBee(config), config, section.vocab
+
+
+def load_chat(section: ModelSection, *, vision_trainable: bool, llm_trainable: bool) -> tuple[ChatModel, ChatConfig, Path]:
+    """A chat model from ``init`` (saved folder or official .pt) or fresh from ``config``, with
+    the LLM optionally taken from an ``lm`` run (``llm_init``)."""
+    build = partial(ChatModel, vision_trainable=vision_trainable, llm_trainable=llm_trainable)
+    if section.init is not None:
+        model, config, weights = load_weights(section.init, None, config_from_dict=ChatConfig.from_dict,
+                                              presets=CHAT_PRESETS, build=build, rules=CHAT_KEY_RULES,
+                                              unused=CHAT_UNUSED_OFFICIAL_KEYS)
+        vocab = find_vocab(weights, section.vocab)
+        model = model.float()
+    else:
+        if section.config is None:
+            raise ValueError("[model] needs init = a saved chat model, or config = a chat config JSON")
+        config = ChatConfig.from_dict(_read_json(section.config))
+        model = build(config)
+        vocab = section.vocab
+    if section.llm_init is not None:
+        llm, llm_config, llm_weights = load_lm(ModelSection(init=section.llm_init))
+        if llm_config != config.llm:
+            raise ValueError(f"the LLM in {section.llm_init} ({llm_config}) does not match the chat config's ({config.llm})")
+        model.llm.load_state_dict(llm.state_dict())
+        vocab = section.vocab or find_vocab(llm_weights, None)
+    if vocab is None:
+        raise ValueError("[model] needs vocab = … (or a saved model with vocab.txt beside it)")
+    return model, config, Path(vocab)
+
+
+def _save_with(config, vocab: Path) -> Callable[[nn.Module, Path], None]:
+    def save(model: nn.Module, folder: Path) -> None:
+        save_folder(merge_lora(model), config, folder, vocab)
+    return save
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples and batches for CPM-Bee prompts
+
+
+@dataclass
+class PromptExample:
+    prompt: ConvertedPrompt
+    pixel_values: torch.Tensor | None = None  # (3, H, W) for a prompt with an image
+
+
+def _escape_leaves(data, escape: Callable[[str], str]):
+    if isinstance(data, dict):
+        return {k: _escape_leaves(v, escape) for k, v in data.items()}
+    return escape(data) if isinstance(data, str) else data
+
+
+class PromptExamples:
+    """Records → converted CPM-Bee prompts (+ image tensors), checked for length and target."""
+
+    def __init__(self, items: list[tuple[Record, dict]], tokenizer: CPMBeeTokenizer, max_tokens: int,
+                 query_num: int = 0, transform: ImageTransform | None = None):
+        self.items, self.tokenizer, self.max_tokens = items, tokenizer, max_tokens
+        self.query_num, self.transform = query_num, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> PromptExample:
+        record, data = self.items[index]
+        with_image = record.image is not None and self.transform is not None
+        if with_image:
+            data = {"image": UNK_TOKEN * self.query_num, **data}
+        try:
+            prompt = convert_data_to_id(self.tokenizer, data)
+        except (ValueError, TypeError) as error:
+            raise BadRecord("malformed", str(error)) from None
+        if len(prompt.input_ids) > self.max_tokens:
+            raise BadRecord("over-long", f"{len(prompt.input_ids)} tokens > max_tokens={self.max_tokens}")
+        if not (prompt.context == 0).any():
+            raise BadRecord("malformed", "no answer to learn (empty '<ans>')")
+        pixels = self.transform(record.open_image())[0] if with_image else None
+        return PromptExample(prompt, pixels)
+
+
+@dataclass
+class PromptBatch:
+    inputs: BeeInputs
+    pixel_values: torch.Tensor | None  # one row per prompt with an image
+
+
+def collate_prompts(tokenizer: CPMBeeTokenizer, examples: list[PromptExample]) -> PromptBatch:
+    inputs = collate_for_forward([e.prompt for e in examples], tokenizer)
+    pixels = [e.pixel_values for e in examples if e.pixel_values is not None]
+    return PromptBatch(inputs, torch.stack(pixels) if pixels else None)
+
+
+def count_targets(batch: PromptBatch) -> int:
+    return int((batch.inputs.target != IGNORE_INDEX).sum())
+
+
+def _llm_arrays(inputs: BeeInputs, device) -> dict[str, torch.Tensor]:
+    i = inputs.to(device)
+    return dict(position=i.position, context=i.context, sample_ids=i.sample_ids, num_segments=i.num_segments,
+                segment_ids=i.segment_ids, segment_rel_offset=i.segment_rel_offset, segment_rel=i.segment_rel,
+                ext_table_ids=i.ext_table_ids, ext_table_sub=i.ext_table_sub, span=i.span)
+
+
+def _token_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def lm_loss(model: nn.Module, batch: PromptBatch) -> torch.Tensor:
+    device = next(model.parameters()).device
+    inputs = batch.inputs.to(device)
+    out = model(inputs.input_ids, inputs.input_id_subs, **_llm_arrays(inputs, device))
+    return _token_loss(out.logits, inputs.target)
+
+
+def chat_loss(model: nn.Module, batch: PromptBatch) -> torch.Tensor:
+    device = next(model.parameters()).device
+    inputs = batch.inputs.to(device)
+    pixels = batch.pixel_values.to(device) if batch.pixel_values is not None else None
+    out = model(inputs.input_ids, inputs.input_id_subs, inputs.image_bound, pixel_values=pixels,
+                **_llm_arrays(inputs, device))
+    return _token_loss(out.logits, inputs.target)
+
+
+def _source(config: TrainConfig) -> RecordSource:
+    return RecordSource(config.data.train, config.data.image_root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def lm(config: TrainConfig) -> Recipe:
+    """Text-only: every record is a structured prompt whose ``<ans>`` is the target."""
+    model, model_config, vocab = load_lm(config.model)
+    model.gradient_checkpointing = config.train.gradient_checkpointing
+    if config.lora is not None:
+        add_lora(model, config.lora)
+    tokenizer = CPMBeeTokenizer(vocab)
+    source = _source(config)
+    items = [(Record(r.fields, None), _escape_leaves(r.fields, tokenizer.escape)) for r in source.records]
+    return Recipe("lm", model, PromptExamples(items, tokenizer, config.data.max_tokens),
+                  partial(collate_prompts, tokenizer), count_targets, lm_loss, _save_with(model_config, vocab),
+                  malformed=source.malformed)
+
+
+def chat_align(config: TrainConfig) -> Recipe:
+    """Stage 1: captions; the LLM is frozen, the vision side learns to speak its language."""
+    model, model_config, vocab = load_chat(config.model, vision_trainable=True, llm_trainable=False)
+    tokenizer = CPMBeeTokenizer(vocab)
+    source = _source(config)
+    items, malformed = [], source.malformed
+    for record in source.records:
+        caption = record.fields.get("caption")
+        if not isinstance(caption, str) or not caption.strip() or record.image is None:
+            malformed += 1
+            continue
+        # a fixed instruction per record (by a hash of its image path), so runs are reproducible
+        instruction = CAPTION_INSTRUCTIONS[zlib.crc32(str(record.image).encode()) % len(CAPTION_INSTRUCTIONS)]
+        items.append((record, {"context": "", "question": instruction, "<ans>": tokenizer.escape(caption)}))
+    examples = PromptExamples(items, tokenizer, config.data.max_tokens, model_config.query_num,
+                              ImageTransform(model_config.vision.image_size))
+    return Recipe("chat-align", model, examples, partial(collate_prompts, tokenizer), count_targets, chat_loss,
+                  _save_with(model_config, vocab), malformed=malformed)
+
+
+def chat_sft(config: TrainConfig) -> Recipe:
+    """Stage 2: multi-turn instructions; all parameters train, or LoRA on the LLM (the vision
+    side then still trains in full: it is small, and VisCPM's stage 2 tunes it too)."""
+    lora = config.lora is not None
+    model, model_config, vocab = load_chat(config.model, vision_trainable=True, llm_trainable=not lora)
+    model.llm.gradient_checkpointing = config.train.gradient_checkpointing
+    if lora:
+        add_lora(model.llm, config.lora)
+    tokenizer = CPMBeeTokenizer(vocab)
+    source = _source(config)
+    items, malformed = [], source.malformed
+    for record in source.records:
+        try:
+            items += [(record, turn) for turn in conversation_turns(record, tokenizer.escape)]
+        except BadRecord:
+            malformed += 1
+    examples = PromptExamples(items, tokenizer, config.data.max_tokens, model_config.query_num,
+                              ImageTransform(model_config.vision.image_size))
+    return Recipe("chat-sft", model, examples, partial(collate_prompts, tokenizer), count_targets, chat_loss,
+                  _save_with(model_config, vocab), malformed=malformed)
+
+
+STAGES: dict[str, Callable[[TrainConfig], Recipe]] = {
+    "lm": lm,
+    "chat-align": chat_align,
+    "chat-sft": chat_sft,
+}

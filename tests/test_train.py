@@ -1,0 +1,134 @@
+"""Training stages on tiny models: loss goes down on a fixed batch, frozen parts stay bit-identical,
+bad records are skipped and counted, the result loads in the pipelines, LoRA merges exactly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from viscpm.checkpoints import load_weights
+from viscpm.models.cpmbee import CPMBEE_KEY_RULES, CPMBEE_PRESETS, CPMBee, CPMBeeConfig
+from viscpm.pipelines.chat import VisCPMChat
+from viscpm.train.config import TrainConfig
+from viscpm.train.engine import parameter_report, train
+from viscpm.train.recipes import STAGES
+
+from .train_fixtures import write_config, write_world
+
+
+@pytest.fixture()
+def world(tmp_path):
+    return write_world(tmp_path / "world")
+
+
+def run_stage(tmp_path, stage, model, data, lora=None, **train_options):
+    options = dict(output_dir=tmp_path / stage, max_steps=60, batch_size=4, learning_rate=1e-2, log_every=1,
+                   save_every=1000, warmup_steps=0, lr_schedule="constant")
+    options.update(train_options)
+    config = TrainConfig.from_file(write_config(tmp_path / f"{stage}.toml", model, data, options, lora))
+    recipe = STAGES[stage](config)
+    state = train(recipe, config)
+    losses = [json.loads(line)["loss"] for line in (options["output_dir"] / "metrics.jsonl").read_text().splitlines()]
+    return recipe, state, losses
+
+
+def test_lm_stage_overfits_and_saves_a_loadable_model(tmp_path, world):
+    recipe, _, losses = run_stage(tmp_path, "lm", {"config": world["lm"], "vocab": world["vocab"]},
+                                  {"train": world["texts"]})
+    assert losses[-1] < 0.3 * losses[0], losses
+    model, config, _ = load_weights(tmp_path / "lm" / "final", None, config_from_dict=CPMBeeConfig.from_dict,
+                                    presets=CPMBEE_PRESETS, build=CPMBee, rules=CPMBEE_KEY_RULES)
+    assert config.vocab_size == json.loads(world["lm"].read_text())["vocab_size"]
+    assert (tmp_path / "lm" / "final" / "vocab.txt").read_text() == world["vocab"].read_text()
+
+
+def test_chat_align_trains_vision_only(tmp_path, world):
+    _, _, _ = run_stage(tmp_path, "lm", {"config": world["lm"], "vocab": world["vocab"]}, {"train": world["texts"]},
+                        max_steps=5)
+    llm_before = {k: v.clone() for k, v in load_weights(tmp_path / "lm" / "final", None, config_from_dict=CPMBeeConfig.from_dict,
+                                                         presets=CPMBEE_PRESETS, build=CPMBee,
+                                                         rules=CPMBEE_KEY_RULES)[0].state_dict().items()}
+    recipe, _, losses = run_stage(tmp_path, "chat-align",
+                                  {"config": world["chat"], "llm_init": tmp_path / "lm" / "final"},
+                                  {"train": world["captions"]})
+    assert losses[-1] < 0.8 * losses[0], losses  # the LLM is frozen and barely trained: less room
+    report = parameter_report(recipe.model)
+    assert "llm          trainable             0" in report
+    for key, value in recipe.model.llm.state_dict().items():
+        assert torch.equal(value, llm_before[key]), key  # frozen: bit for bit
+    chat = VisCPMChat(tmp_path / "chat-align" / "final")
+    answer = chat.chat(world["captions"].parent / "images" / "red.png", "Describe the image briefly.",
+                       num_beams=1, max_new_tokens=6)[0]
+    assert isinstance(answer, str)
+
+
+def test_chat_sft_full_and_lora(tmp_path, world):
+    recipe, _, losses = run_stage(tmp_path, "chat-sft", {"config": world["chat"], "vocab": world["vocab"]},
+                                  {"train": world["conversations"]})
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert all(p.requires_grad for p in recipe.model.parameters())
+
+    options = dict(output_dir=tmp_path / "sft-lora", max_steps=20, batch_size=4, learning_rate=1e-2, log_every=1)
+    config = TrainConfig.from_file(write_config(tmp_path / "lora.toml", {"init": tmp_path / "chat-sft" / "final"},
+                                                {"train": world["conversations"]}, options, {"r": 4, "alpha": 8}))
+    recipe = STAGES["chat-sft"](config)
+    llm_params = dict(recipe.model.llm.named_parameters())
+    assert any("lora_" in n for n in llm_params)
+    assert not any(p.requires_grad for n, p in llm_params.items() if "lora_" not in n)
+    assert all(p.requires_grad for p in recipe.model.vision.parameters())
+    train(recipe, config)
+    chat = VisCPMChat(tmp_path / "sft-lora" / "final")  # merged: a plain chat model
+    assert not any("lora" in k for k in chat.model.state_dict())
+
+
+def test_lora_merge_equals_adapter_output():
+    from viscpm.train.config import LoraSection
+    from viscpm.train.lora import add_lora, merge_lora
+
+    torch.manual_seed(0)
+    model = CPMBee(CPMBeeConfig(vocab_size=64, dim_model=16, dim_ff=32, num_layers=2, num_heads=2, dim_head=8))
+    add_lora(model, LoraSection(r=2, alpha=4, target_modules=("q", "v", "down")))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)  # B starts at zero; make the adapters matter
+    ids = torch.randint(0, 64, (1, 6))
+    arrays = dict(input_id_subs=torch.zeros_like(ids), position=torch.arange(6)[None], context=torch.ones_like(ids).bool(),
+                  sample_ids=torch.zeros_like(ids), num_segments=torch.ones_like(ids), segment_ids=torch.zeros_like(ids),
+                  segment_rel_offset=torch.zeros_like(ids), segment_rel=torch.zeros(1, 1, dtype=torch.long),
+                  ext_table_ids=torch.zeros(0, dtype=torch.long), ext_table_sub=torch.zeros(0, dtype=torch.long))
+    with torch.no_grad():
+        adapted = model(ids, **arrays).logits
+        merged = merge_lora(model)(ids, **arrays).logits
+    assert not any("lora" in k for k in model.state_dict())
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_records_are_skipped_counted_and_limited(tmp_path, world, caplog):
+    lines = world["conversations"].read_text().splitlines()
+    bad = [
+        json.dumps({"image": "images/nope.png", "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}]}),
+        json.dumps({"image": "images/red.png", "conversations": [{"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "x"}]}),
+        "{not json",
+    ]
+    (world["conversations"].parent / "images" / "broken.png").write_bytes(b"\x89PNG garbage")
+    bad.append(json.dumps({"image": "images/broken.png", "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}]}))
+    mixed = world["conversations"].parent / "mixed.jsonl"
+    mixed.write_text("\n".join(lines + bad) + "\n")
+    with caplog.at_level("WARNING"):
+        run_stage(tmp_path, "chat-sft", {"config": world["chat"], "vocab": world["vocab"]},
+                  {"train": mixed, "max_skipped_fraction": 0.9}, max_steps=3)
+    warning = " ".join(r.getMessage() for r in caplog.records if "skipped" in r.getMessage())
+    assert "missing image" in warning and "corrupt image" in warning and "malformed" in warning
+    with pytest.raises(ValueError, match="unusable"):
+        run_stage(tmp_path, "chat-sft", {"config": world["chat"], "vocab": world["vocab"]},
+                  {"train": mixed, "max_skipped_fraction": 0.01, "max_tokens": 8}, max_steps=20,
+                  output_dir=tmp_path / "strict")
+
+
+def test_config_errors_are_clear(tmp_path, world):
+    with pytest.raises(ValueError, match="unknown keys \\['max_step'\\]"):
+        TrainConfig.from_file(write_config(tmp_path / "c.toml", {}, {"train": world["texts"]},
+                                           {"output_dir": tmp_path, "max_step": 3}))
+    with pytest.raises(ValueError, match="not found"):
+        TrainConfig.from_file(tmp_path / "missing.toml")
