@@ -12,7 +12,7 @@ from viscpm.models.cpmbee import CPMBEE_KEY_RULES, CPMBEE_PRESETS, CPMBee, CPMBe
 from viscpm.pipelines.chat import VisCPMChat
 from viscpm.train.config import TrainConfig
 from viscpm.train.engine import parameter_report, train
-from viscpm.train.recipes import STAGES
+from viscpm.train.recipes import build_recipe
 
 from .train_fixtures import write_config, write_world
 
@@ -27,7 +27,7 @@ def run_stage(tmp_path, stage, model, data, lora=None, **train_options):
                    save_every=1000, warmup_steps=0, lr_schedule="constant")
     options.update(train_options)
     config = TrainConfig.from_file(write_config(tmp_path / f"{stage}.toml", model, data, options, lora))
-    recipe = STAGES[stage](config)
+    recipe = build_recipe(stage, config)
     state = train(recipe, config)
     losses = [json.loads(line)["loss"] for line in (options["output_dir"] / "metrics.jsonl").read_text().splitlines()]
     return recipe, state, losses
@@ -72,7 +72,7 @@ def test_chat_sft_full_and_lora(tmp_path, world):
     options = dict(output_dir=tmp_path / "sft-lora", max_steps=20, batch_size=4, learning_rate=1e-2, log_every=1)
     config = TrainConfig.from_file(write_config(tmp_path / "lora.toml", {"init": tmp_path / "chat-sft" / "final"},
                                                 {"train": world["conversations"]}, options, {"r": 4, "alpha": 8}))
-    recipe = STAGES["chat-sft"](config)
+    recipe = build_recipe("chat-sft", config)
     llm_params = dict(recipe.model.llm.named_parameters())
     assert any("lora_" in n for n in llm_params)
     assert not any(p.requires_grad for n, p in llm_params.items() if "lora_" not in n)

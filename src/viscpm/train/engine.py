@@ -162,7 +162,9 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = False) -> TrainerS
         raise ValueError(f"stage {recipe.name} has no trainable parameters")
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # not prepared: accelerate would step it once per process; our steps are global steps
+    accelerator.register_for_checkpointing(scheduler)
 
     state = TrainerState()
     if resume:

@@ -255,3 +255,14 @@ STAGES: dict[str, Callable[[TrainConfig], Recipe]] = {
     "chat-align": chat_align,
     "chat-sft": chat_sft,
 }
+
+
+def build_recipe(stage: str, config: TrainConfig) -> Recipe:
+    """Seed every RNG from the config, then build the stage, so a fresh model's initial weights
+    are the same in every process and every run."""
+    from accelerate.utils import set_seed
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}")
+    set_seed(config.train.seed)
+    return STAGES[stage](config)

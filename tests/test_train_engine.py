@@ -1,0 +1,123 @@
+"""The engine's guarantees, with real processes: 2 CPU processes (gloo) equal one process with the
+same global batch; a run killed by SIGKILL between checkpoints resumes to the same losses."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from viscpm.train.config import TrainConfig
+from viscpm.train.engine import latest_checkpoint, train
+from viscpm.train.recipes import build_recipe
+
+from .train_fixtures import write_config, write_world
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The child wraps the loss in a short sleep so a kill can land between two checkpoints.
+SLOW_CHILD = """
+import sys, time
+from viscpm.train.config import TrainConfig
+from viscpm.train.engine import train
+from viscpm.train.recipes import build_recipe
+config = TrainConfig.from_file(sys.argv[1])
+recipe = build_recipe("lm", config)
+loss = recipe.loss
+recipe.loss = lambda model, batch: (time.sleep(0.15), loss(model, batch))[1]
+train(recipe, config, resume="--resume" in sys.argv)
+"""
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def lm_config(tmp_path, world, name, **options):
+    train_options = dict(output_dir=tmp_path / name, max_steps=10, batch_size=4, learning_rate=1e-2, log_every=1,
+                         save_every=4, lr_schedule="cosine", warmup_steps=2)
+    train_options.update(options)
+    return write_config(tmp_path / f"{name}.toml", {"config": world["lm"], "vocab": world["vocab"]},
+                        {"train": world["texts"]}, train_options)
+
+
+def run_in_process(path: Path):
+    config = TrainConfig.from_file(path)
+    train(build_recipe("lm", config), config)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    world = write_world(tmp_path / "world")
+    run_in_process(lm_config(tmp_path, world, "single", batch_size=6))
+    two = lm_config(tmp_path, world, "double", batch_size=6)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                             "-m", "viscpm.cli", "train", "lm", "--config", str(two)],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, double = losses(tmp_path / "single"), losses(tmp_path / "double")
+    assert single.keys() == double.keys() == set(range(1, 11))
+    for step in single:
+        assert double[step] == pytest.approx(single[step], rel=1e-5), step
+    a = load_file(tmp_path / "single" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "double" / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkill_between_checkpoints_then_resume_matches(tmp_path):
+    world = write_world(tmp_path / "world")
+    run_in_process(lm_config(tmp_path, world, "straight", max_steps=12))
+    killed = lm_config(tmp_path, world, "killed", max_steps=12)
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, str(killed)], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and child.poll() is None:
+        if metrics.is_file() and max(losses(tmp_path / "killed"), default=0) >= 6:
+            break
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    last_logged = max(losses(tmp_path / "killed"))
+    assert 6 <= last_logged < 8, "the kill must land between the checkpoints at steps 4 and 8"
+    assert latest_checkpoint(tmp_path / "killed").name == "step-00000004"
+
+    result = subprocess.run([sys.executable, "-m", "viscpm.cli", "train", "lm", "--config", str(killed), "--resume"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed, straight = losses(tmp_path / "killed"), losses(tmp_path / "straight")
+    assert sorted(resumed) == list(range(1, 13))  # the killed run's steps 5..7 were replaced
+    for step in range(5, 13):
+        assert resumed[step] == straight[step], step  # same arithmetic: exactly equal
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_save_leaves_no_checkpoint(tmp_path):
+    """A .tmp folder (a save cut short) is never taken for a checkpoint."""
+    (tmp_path / "checkpoints" / "step-00000008.tmp").mkdir(parents=True)
+    assert latest_checkpoint(tmp_path) is None
+    done = tmp_path / "checkpoints" / "step-00000004"
+    done.mkdir()
+    (done / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == done
+
+
+def test_plot_writes_png(tmp_path):
+    from viscpm.train.plot import plot_run
+
+    world = write_world(tmp_path / "world")
+    run_in_process(lm_config(tmp_path, world, "run", max_steps=3))
+    png = plot_run(tmp_path / "run")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
