@@ -250,10 +250,81 @@ def chat_sft(config: TrainConfig) -> Recipe:
                   _save_with(model_config, vocab), malformed=malformed)
 
 
+# ---------------------------------------------------------------------------------------------
+# Images: the VAE
+
+
+VAE_KL_WEIGHT = 1e-6  # Stable Diffusion's autoencoder setting: reconstruction first, a light prior
+
+
+class VAETraining(nn.Module):
+    """The autoencoder with its training objective as ``forward`` (so DDP sees every parameter):
+    per-image mean squared reconstruction error plus a small KL to the unit Gaussian, summed."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        posterior = self.vae.encode(images).latent_dist
+        reconstruction = self.vae.decode(posterior.sample()).sample
+        mse = (reconstruction.float() - images.float()).pow(2).flatten(1).mean(1)
+        return (mse + VAE_KL_WEIGHT * posterior.kl()).sum()
+
+
+class ImageExamples:
+    """Records with an image → tensors in [-1, 1] at ``size`` × ``size``."""
+
+    def __init__(self, records: list[Record], size: int):
+        self.records, self.size = records, size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return image_to_tensor(self.records[index].open_image(), self.size)
+
+
+def image_to_tensor(image, size: int) -> torch.Tensor:
+    """RGB PIL image → (3, size, size) float in [-1, 1] (bicubic resize), the diffusers convention."""
+    from PIL import Image
+
+    pixels = torch.frombuffer(bytearray(image.resize((size, size), Image.BICUBIC).tobytes()), dtype=torch.uint8)
+    return pixels.view(size, size, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def load_vae(section: ModelSection):
+    """A diffusers AutoencoderKL from a local folder (``init``) or a config JSON (fresh)."""
+    from diffusers import AutoencoderKL
+
+    if section.init is not None:
+        return AutoencoderKL.from_pretrained(section.init, local_files_only=True)
+    if section.config is None:
+        raise ValueError("[model] needs init = a diffusers VAE folder, or config = an AutoencoderKL config JSON")
+    return AutoencoderKL.from_config(_read_json(section.config))
+
+
+def vae(config: TrainConfig) -> Recipe:
+    """An image autoencoder for a world with no pretrained VAE (small sizes: no GAN or
+    perceptual loss, which large photographic VAEs need)."""
+    autoencoder = load_vae(config.model)
+    source = _source(config)
+    records = [r for r in source.records if r.image is not None]
+    examples = ImageExamples(records, autoencoder.config.sample_size)
+
+    def save(model: nn.Module, folder: Path) -> None:
+        model.vae.save_pretrained(folder)
+
+    return Recipe("vae", VAETraining(autoencoder), examples, torch.stack, len,
+                  lambda model, images: model(images.to(next(model.parameters()).device)), save,
+                  malformed=source.malformed + len(source.records) - len(records))
+
+
 STAGES: dict[str, Callable[[TrainConfig], Recipe]] = {
     "lm": lm,
     "chat-align": chat_align,
     "chat-sft": chat_sft,
+    "vae": vae,
 }
 
 
