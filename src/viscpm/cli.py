@@ -2,6 +2,7 @@
 
     viscpm chat --image cat.png "What is in the image?"     # one question
     viscpm chat --image cat.png                              # interactive, streamed
+    viscpm paint "海上生明月，唯美风格" -o moon.png            # text to image
 """
 from __future__ import annotations
 
@@ -106,6 +107,104 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
             print(f"\nerror: {error}", file=stdout)
 
 
+TRAIN_HELP = """Train one stage of the VisCPM recipe from a TOML config.
+
+Stages: lm (text → a bilingual CPM-Bee), chat-align (LLM frozen; vision learns from captions),
+chat-sft (instructions; all parameters or LoRA), paint-bridge, paint-xattn, vae.
+Runs on one CPU as is; for several processes or GPUs, or FSDP/DeepSpeed, start it with
+`accelerate launch [--config_file FILE] -m viscpm.cli train STAGE --config FILE`."""
+
+
+def _add_train_parser(commands) -> None:
+    from .train.recipes import STAGES
+
+    parser = commands.add_parser("train", help="train a stage / 训练", description=TRAIN_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=sorted(STAGES), help="which stage to run")
+    parser.add_argument("--config", required=True, help="the stage's TOML config")
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train.config import TrainConfig
+    from .train.engine import train
+    from .train.recipes import build_recipe
+
+    logging.getLogger("viscpm").setLevel(logging.INFO)
+    config = TrainConfig.from_file(args.config)
+    train(build_recipe(args.stage, config), config, resume=args.resume)
+    return 0
+
+
+def _add_plot_parser(commands) -> None:
+    parser = commands.add_parser("plot", help="plot a run's loss and lr curves / 画训练曲线")
+    parser.add_argument("run_dir", help="a training output_dir (holds metrics.jsonl)")
+    parser.add_argument("-o", "--output", help="PNG to write (default: RUN_DIR/curves.png)")
+    parser.set_defaults(run=run_plot)
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from .train.plot import plot_run
+
+    print(plot_run(args.run_dir, args.output))
+    return 0
+
+
+PAINT_HELP = """Paint an image from a Chinese or English prompt.
+
+The official release screens prompts and images with safety classifiers and picks the best of 4
+images with a Chinese-CLIP ranker. Those are not bundled yet, so this command runs WITHOUT them
+(the Python API, VisCPMPaint, accepts your own checker and ranker callables).
+
+根据中文或英文描述生成图片。注意：安全检查与排序模型尚未内置，此命令不做安全检查。"""
+
+
+def _add_paint_parser(commands) -> None:
+    parser = commands.add_parser("paint", help="text to image / 文生图", description=PAINT_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", help="what to paint")
+    parser.add_argument("-o", "--output", default="paint.png",
+                        help="image file to write (default paint.png); several images: NAME-1.png … NAME-N.png")
+    _add_model_options(parser)
+    parser.add_argument("--vae", help="diffusers AutoencoderKL folder (default: vae/ beside the checkpoint)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--negative", help="negative prompt")
+    sampling.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    sampling.add_argument("--guidance", type=float, default=7.5,
+                          help="classifier-free guidance scale; <= 1 turns it off")
+    sampling.add_argument("--size", type=int,
+                          help="square image size in pixels (default: the model's, 512 for the official one)")
+    sampling.add_argument("--height", type=int, help="image height (overrides --size)")
+    sampling.add_argument("--width", type=int, help="image width (overrides --size)")
+    sampling.add_argument("--num-images", type=int, default=1)
+    sampling.add_argument("--seed", type=int, help="random seed (default: a fresh one, stored in the PNG)")
+    # the names of pipelines.paint.SCHEDULERS, spelled out so that `viscpm --help` need not import diffusers
+    sampling.add_argument("--scheduler", default="ddpm", choices=["ddpm", "ddim", "euler", "dpm++"],
+                          help="sampler (default ddpm, the official one)")
+    parser.set_defaults(run=run_paint)
+
+
+def run_paint(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
+    from pathlib import Path
+
+    from .pipelines.paint import VisCPMPaint
+
+    stdout = stdout or sys.stdout
+    painter = VisCPMPaint(args.model, image_safety_checker=False, prompt_safety_checker=False, add_ranker=False,
+                          vocab_path=args.vocab, vae_path=args.vae, config_path=args.config, device=args.device)
+    results = painter.paint(args.prompt, args.negative, num_images_per_prompt=args.num_images,
+                            guidance_scale=args.guidance, num_inference_steps=args.steps,
+                            height=args.height or args.size, width=args.width or args.size,
+                            scheduler=args.scheduler, seed=args.seed)
+    output = Path(args.output)
+    for number, result in enumerate(results, start=1):
+        path = output if len(results) == 1 else output.with_name(f"{output.stem}-{number}{output.suffix}")
+        result.save(path)
+        print(f"{path} (seed {result.seed})", file=stdout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="viscpm", description="Bilingual multimodal VisCPM models: chat about images, paint from text.")
@@ -117,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS: list[Callable] = [_add_chat_parser]
+SUBCOMMANDS: list[Callable] = [_add_chat_parser, _add_train_parser, _add_plot_parser, _add_paint_parser]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,400 @@
+"""VisCPMPaint: paint from Chinese or English prompts. A thin pipeline with no model math:
+check inputs → encode prompt and negative → prepare latents → denoise with guidance → decode →
+postprocess → safety → rank.
+
+The seed API matches the official one, so VisCPM users can switch::
+
+    painter = VisCPMPaint("viscpm_paint_zhplus_checkpoint.pt", image_safety_checker=False,
+                          prompt_safety_checker=False, add_ranker=False)   # vocab.txt, vae/ beside it
+    image = painter.generate("海上生明月，天涯共此时")                     # one PIL image (a grid)
+
+Beyond it, ``painter.paint(...)`` (also ``painter(...)``) returns one :class:`PaintedImage` per
+image with its seed, steps, scheduler and guidance, takes ``height``/``width``, a scheduler by
+name, a seed, a per-step callback, and a list of prompts.
+
+Choices where the official code was silent or fragile:
+* an empty prompt is allowed: it is exactly the official unconditional prompt, so it paints an
+  unconditional sample;
+* prompts over ``MAX_PROMPT_TOKENS`` are refused with a clear error (not truncated: cutting the
+  structured prompt would change what the model reads without saying so);
+* ``guidance_scale <= 1`` turns classifier-free guidance off, as diffusers does;
+* ``<`` in a prompt is literal text (the official converter crashed on e.g. ``<b>``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..checkpoints import CheckpointError, find_vocab, load_weights, save_folder
+from ..models.paint import PAINT_KEY_RULES, PAINT_PRESETS, PaintConfig, PaintModel
+from ..prompt import BeeInputs, collate_for_forward, convert_data_to_id
+from ..tokenization import CPMBeeTokenizer
+from .defaults import default_model_path
+
+logger = logging.getLogger(__name__)
+
+MAX_PROMPT_TOKENS = 3000  # CPM-Bee's input limit in VisCPM (max_inp_length); longer is refused
+RANKER_CANDIDATES = 4  # official: the ranker picks the best of 4 images for each one returned
+VAE_FOLDER = "vae"
+GRID_MAX_COLUMNS = 8
+
+ImageChecker = Callable[[Image.Image], bool]  # True = flagged
+PromptChecker = Callable[[str], bool]  # True = flagged
+Ranker = Callable[[str, list[Image.Image]], Sequence[float]]  # higher = better match
+
+# Scheduler name -> (diffusers class, overrides of the stored SD-2.1-base config).
+# "ddpm" is the official sampler. diffusers 0.15, which made the reference, ignored
+# `steps_offset` in DDPMScheduler (4 steps -> [750, 500, 250, 0]); today's DDPMScheduler applies
+# it under "leading" spacing ([751, 501, 251, 1]), so the official schedule is "leading" with
+# offset 0. The others read the stored config as diffusers' own Stable Diffusion pipelines do.
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
+    "ddpm": (DDPMScheduler, {"timestep_spacing": "leading", "steps_offset": 0}),
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+}
+
+
+class RefusedPrompt(ValueError):
+    """The prompt safety checker flagged the prompt; nothing was painted."""
+
+
+def build_scheduler(name: str, config: dict) -> SchedulerMixin:
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+    cls, overrides = SCHEDULERS[name]
+    return cls.from_config({**config, **overrides})
+
+
+def load_vae(path: str | os.PathLike) -> AutoencoderKL:
+    """A diffusers ``AutoencoderKL`` from a local folder (``config.json`` + weights), or from the
+    ``vae/`` subfolder of a local Stable Diffusion folder. Never downloads."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file() and (folder / VAE_FOLDER / "config.json").is_file():
+        folder = folder / VAE_FOLDER
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"VAE not found at {path} (no config.json); the Paint checkpoint has no VAE: pass vae_path= a "
+            f"local diffusers AutoencoderKL folder, e.g. stable-diffusion-2-1-base/vae, or put it in "
+            f"{VAE_FOLDER}/ beside the checkpoint"
+        )
+    try:
+        return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise CheckpointError(f"cannot load the VAE from {folder}: {error}") from None
+
+
+def grid_image(images: Sequence[Image.Image]) -> Image.Image:
+    """Images side by side, up to 8 per row, no padding (the official return value)."""
+    width, height = images[0].size
+    columns = min(len(images), GRID_MAX_COLUMNS)
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * width, rows * height))  # empty cells stay black
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+@dataclass
+class PaintStep:
+    """What the per-step callback sees (tensors are the live ones: copy to keep)."""
+
+    index: int
+    timestep: int
+    num_steps: int
+    latents_in: torch.Tensor  # x_t (B, C, h, w)
+    model_input: torch.Tensor  # what the UNet read: [uncond; cond] halves under guidance
+    model_output: torch.Tensor  # the UNet's noise predictions, same layout
+    noise_pred: torch.Tensor  # after guidance (B, C, h, w)
+    latents: torch.Tensor  # x_{t-1}
+
+
+@dataclass
+class PaintedImage:
+    image: Image.Image
+    prompt: str
+    negative_prompt: str | None
+    seed: int | None  # this image's own seed (paint it alone with it); None with a caller's generator
+    num_inference_steps: int
+    scheduler: str
+    guidance_scale: float
+    flagged: bool = False  # the image safety checker replaced it with black
+    score: float | None = None  # the ranker's score, when one picked this image
+    metadata: dict = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the image; PNG files carry the settings as a ``viscpm`` text chunk."""
+        info = PngInfo()
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "image"}
+        info.add_text("viscpm", json.dumps(settings, ensure_ascii=False))
+        self.image.save(path, pnginfo=info if str(path).lower().endswith(".png") else None)
+
+
+def _pluggable(value, name: str, signature: str):
+    if value is True:
+        raise ValueError(f"no {name.replace('_', ' ')} is bundled yet; pass {name}=False or a callable {signature}")
+    if value is False or value is None:
+        return None
+    if not callable(value):
+        raise TypeError(f"{name} must be a bool or a callable {signature}, got {type(value).__name__}")
+    return value
+
+
+class VisCPMPaint:
+    """Text to image. ``model_path``: an official ``.pt``, our saved folder, or None for the model
+    shipped with the package. The checkers and ranker are pluggable callables; ``True`` (the
+    official defaults) raises until bundled ones exist."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike | None = None,
+        image_safety_checker: bool | ImageChecker = True,
+        prompt_safety_checker: bool | PromptChecker = True,
+        add_ranker: bool | Ranker = True,
+        vocab_path: str | os.PathLike | None = None,
+        vae_path: str | os.PathLike | None = None,
+        *,
+        config_path: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        progress_bar: bool = True,
+    ):
+        # checked first, so a wrong switch fails before gigabytes are read
+        self.image_safety_checker = _pluggable(image_safety_checker, "image_safety_checker", "(PIL.Image) -> bool")
+        self.prompt_safety_checker = _pluggable(prompt_safety_checker, "prompt_safety_checker", "(str) -> bool")
+        self.ranker = _pluggable(add_ranker, "add_ranker", "(prompt, images) -> scores")
+        if model_path is None:
+            model_path = default_model_path("paint")
+        model, config, weights = load_weights(
+            model_path, config_path, config_from_dict=PaintConfig.from_dict, presets=PAINT_PRESETS,
+            build=PaintModel, rules=PAINT_KEY_RULES,
+        )
+        self.vocab_path = find_vocab(weights, vocab_path)
+        self.tokenizer = CPMBeeTokenizer(self.vocab_path)
+        if self.tokenizer.vocab_size != config.llm.vocab_size:
+            raise CheckpointError(f"vocab {self.vocab_path} has {self.tokenizer.vocab_size} tokens but the model "
+                                  f"expects {config.llm.vocab_size}; pass the vocab that belongs to {weights}")
+        vae = load_vae(vae_path if vae_path is not None else weights.parent / VAE_FOLDER)
+        if vae.config.latent_channels != model.unet.config.in_channels:
+            raise CheckpointError(f"the VAE has {vae.config.latent_channels} latent channels but the UNet reads "
+                                  f"{model.unet.config.in_channels}; pass the Stable Diffusion 2.1-base VAE")
+        # The LLM keeps the checkpoint's dtype (fp16 officially); bridge, UNet and VAE run in fp32
+        # as in the official code, unless a dtype is forced.
+        # (nn.Module.to directly: diffusers' override warns on every dtype cast, even a harmless one)
+        model.llm.to(device=device, dtype=dtype)
+        for part in (model.bridge, model.unet, vae):
+            nn.Module.to(part, device=device, dtype=dtype or torch.float32)
+        self.model, self.vae, self.config = model.eval(), vae.eval(), config
+        self.device = torch.device(device)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.progress_bar = progress_bar
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _tokens(self, text: str, what: str):
+        if not isinstance(text, str):
+            raise TypeError(f"the {what} must be a string, got {type(text).__name__}")
+        converted = convert_data_to_id(self.tokenizer, {"caption": CPMBeeTokenizer.escape(text), "objects": ""})
+        if len(converted.input_ids) > MAX_PROMPT_TOKENS:
+            raise ValueError(f"the {what} is {len(converted.input_ids)} tokens but the limit is {MAX_PROMPT_TOKENS}; "
+                             "shorten it")
+        return converted
+
+    def prompt_inputs(self, prompt: str, negative_prompt: str | None = None, guidance: bool = True) -> BeeInputs:
+        """The padded CPM-Bee batch ``[negative; prompt]`` (``[prompt]`` without guidance). Both rows
+        are padded to the longer one, as officially: the padding rows reach the UNet."""
+        rows = [self._tokens(prompt, "prompt")]
+        if guidance:
+            rows.insert(0, self._tokens(negative_prompt or "", "negative prompt"))
+        return collate_for_forward(rows, self.tokenizer).to(self.device)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, negative_prompt: str | None = None, guidance: bool = True) -> torch.Tensor:
+        """UNet conditioning (2 or 1, L, d_cross): the negative (or empty) prompt first."""
+        return self.model.encode_prompt(self.prompt_inputs(prompt, negative_prompt, guidance))
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents (B, C, h, w) -> float32 images (B, H, W, 3) in [0, 1]."""
+        # multiply by 1/scaling_factor: the official form (dividing differs in the last bit)
+        image = self.vae.decode(latents.to(self.vae.dtype) * (1 / self.vae.config.scaling_factor)).sample
+        return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+
+    def _check(self, height: int, width: int, steps: int, guidance_scale: float, n: int) -> None:
+        f = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % f:
+                raise ValueError(f"{name} must be a positive multiple of {f} (the VAE's downscaling factor), "
+                                 f"got {value}")
+        train_steps = self.config.scheduler.get("num_train_timesteps", 1000)
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= train_steps:
+            raise ValueError(f"num_inference_steps must be an integer from 1 to {train_steps}, got {steps}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {n}")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+
+    @torch.no_grad()
+    def _paint_one(self, prompt, negative_prompt, n, guidance_scale, steps, height, width, scheduler,
+                   generator, latents, callback) -> tuple[list[Image.Image], list[bool]]:
+        # 2. encode: [negative; prompt] under guidance, each repeated n times -> (2n or n, L, d)
+        guided = guidance_scale > 1
+        states = self.encode_prompt(prompt, negative_prompt, guided)
+        states = states.repeat_interleave(n, dim=0)
+
+        # 3. latents: drawn from the generator (before any step noise, as officially) or given
+        scheduler.set_timesteps(steps, device=self.device)
+        unet = self.model.unet
+        shape = (n, unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {list(shape)} for this call, got {list(latents.shape)}")
+        latents = latents.to(self.device, unet.dtype) * scheduler.init_noise_sigma
+
+        # 4. denoise; under guidance the UNet reads [uncond; cond] and the prediction is
+        #    u + g (c - u)
+        for i, t in enumerate(tqdm(scheduler.timesteps, desc="painting", disable=not self.progress_bar)):
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            output = unet(model_input, t, encoder_hidden_states=states).sample
+            if guided:
+                uncond, cond = output.chunk(2)
+                noise_pred = uncond + guidance_scale * (cond - uncond)
+            else:
+                noise_pred = output
+            new_latents = scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
+            if callback is not None:
+                callback(PaintStep(i, int(t), len(scheduler.timesteps), latents, model_input, output, noise_pred,
+                                   new_latents))
+            latents = new_latents
+
+        # 5. decode, 6. postprocess: float [0, 1] NHWC -> uint8 with numpy's round-half-even
+        pixels = (self.decode_latents(latents) * 255).round().astype(np.uint8)
+        images = [Image.fromarray(p) for p in pixels]
+
+        # 7. safety: flagged images become black and are reported
+        flagged = [bool(self.image_safety_checker(im)) if self.image_safety_checker else False for im in images]
+        if any(flagged):
+            logger.warning("the image safety checker flagged %d of %d images; they are returned black",
+                           sum(flagged), len(flagged))
+            images = [Image.new("RGB", im.size) if bad else im for im, bad in zip(images, flagged)]
+        return images, flagged
+
+    # -- public API --------------------------------------------------------------------------
+
+    def paint(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 7.5,
+        num_inference_steps: int = 50,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str | SchedulerMixin = "ddpm",
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        callback: Callable[[PaintStep], None] | None = None,
+    ) -> list[PaintedImage]:
+        """Paint ``num_images_per_prompt`` images for each prompt. With a ranker configured, each
+        returned image is the best of ``RANKER_CANDIDATES``. ``latents``: (N, C, h, w) initial
+        noise, N = prompts × images × candidates.
+
+        Seeds: image k of the call gets its own generator seeded ``seed + k`` (``seed`` drawn at
+        random when not given), so any image can be painted again alone. A ``generator`` instead is
+        shared by all images in order, as the official code does."""
+        # 1. check inputs
+        if not isinstance(prompt, (str, list, tuple)):
+            raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt] * len(prompts)
+        if not prompts or len(negatives) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts")
+        default = self.model.unet.config.sample_size * self.vae_scale_factor
+        height, width = default if height is None else height, default if width is None else width
+        self._check(height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
+        if guidance_scale < 1:
+            logger.warning("guidance_scale %s < 1 turns classifier-free guidance off (as in diffusers)", guidance_scale)
+        if guidance_scale <= 1 and any(negatives):
+            logger.warning("the negative prompt is ignored without classifier-free guidance (guidance_scale <= 1)")
+        if self.prompt_safety_checker is not None:
+            for text in prompts:
+                if self.prompt_safety_checker(text):
+                    raise RefusedPrompt(f"the prompt safety checker flagged {text!r}; nothing was painted")
+        if seed is not None and generator is not None:
+            raise ValueError("pass seed or generator, not both")
+        if seed is None and generator is None:
+            seed = secrets.randbelow(2**32)
+        if isinstance(scheduler, str):
+            name, scheduler = scheduler, build_scheduler(scheduler, self.config.scheduler)
+        else:
+            name = type(scheduler).__name__
+        candidates = RANKER_CANDIDATES if self.ranker is not None else 1
+        per_prompt = num_images_per_prompt * candidates
+        if latents is not None and latents.size(0) != per_prompt * len(prompts):
+            raise ValueError(f"latents hold {latents.size(0)} images but this call paints "
+                             f"{per_prompt * len(prompts)} ({len(prompts)} prompts × {per_prompt})")
+
+        results = []
+        # One prompt at a time: each keeps its own official padding, which the UNet attends to.
+        for p, (text, negative) in enumerate(zip(prompts, negatives)):
+            start = latents[p * per_prompt : (p + 1) * per_prompt] if latents is not None else None
+            seeds = [seed + p * per_prompt + k for k in range(per_prompt)] if seed is not None else [None] * per_prompt
+            generators = generator if generator is not None else [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            images, flagged = self._paint_one(text, negative, per_prompt, guidance_scale, num_inference_steps,
+                                              height, width, scheduler, generators, start, callback)
+            scores: list[float | None] = [None] * len(images)
+            keep = list(range(len(images)))
+            if self.ranker is not None:  # 8. rank: the best unflagged candidate of each group
+                scores = [float(s) for s in self.ranker(text, images)]
+                keep = [max(range(g, g + candidates), key=lambda i: (not flagged[i], scores[i]))
+                        for g in range(0, len(images), candidates)]
+            results += [PaintedImage(images[i], text, negative, seeds[i], num_inference_steps, name, guidance_scale,
+                                     flagged[i], scores[i], {"height": height, "width": width})
+                        for i in keep]
+        return results
+
+    __call__ = paint
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 7.5,
+        image_size: int = 512,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        num_inference_steps: int = 50,
+    ) -> Image.Image:
+        """The official call: DDPM, ``image_size`` square, one PIL image holding all results as a grid."""
+        results = self.paint(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
+                             guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                             height=image_size, width=image_size, generator=generator, latents=latents)
+        return grid_image([r.image for r in results])
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write config.json + model.safetensors + vocab.txt + vae/ (loadable with ``VisCPMPaint(folder)``)."""
+        folder = save_folder(self.model, self.config, folder, self.vocab_path)
+        self.vae.save_pretrained(folder / VAE_FOLDER)
+        return folder

@@ -1,0 +1,392 @@
+"""VisCPMPaint end to end on the tiny official-format checkpoint: the official golden paint runs
+(en, zh), proof that those tests catch the classic mistakes, and everything the official call
+could not do or did not check."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+from safetensors.torch import load_file
+
+from viscpm.checkpoints import CheckpointError
+from viscpm.pipelines.paint import (
+    MAX_PROMPT_TOKENS, RANKER_CANDIDATES, SCHEDULERS, PaintedImage, RefusedPrompt, VisCPMPaint, build_scheduler,
+)
+
+from .test_paint_model import PROMPTS, official_tiny_state
+
+CHECKPOINT = "viscpm_paint_tiny_checkpoint.pt"
+STEPS = 4
+SIZE = 32  # the tiny UNet's 16 latent pixels x the tiny VAE's factor 2
+
+
+def write_vae_folder(reference, folder):
+    """A diffusers AutoencoderKL folder as a user has it: config.json + weights. The weights keep
+    the pre-0.16 attention names (query/key/value/proj_attn), as the SD-2.1-base VAE on disk does."""
+    config = json.loads((reference / "paint" / "tiny_viscpm_paint_config.json").read_text())["vae_config_resolved"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **config}))
+    shutil.copy(reference / "paint" / "tiny_vae.safetensors", folder / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(reference, tmp_path_factory):
+    """The user's layout, in a temp dir: official .pt, vocab.txt and vae/ side by side."""
+    folder = tmp_path_factory.mktemp("official_paint")
+    torch.save(official_tiny_state(reference), folder / CHECKPOINT)
+    shutil.copy(reference / "cpmbee" / "vocab.txt", folder / "vocab.txt")
+    write_vae_folder(reference, folder / "vae")
+    return folder
+
+
+def open_tiny(reference, checkpoint_dir, **options):
+    options = {"image_safety_checker": False, "prompt_safety_checker": False, "add_ranker": False, **options}
+    return VisCPMPaint(checkpoint_dir / CHECKPOINT, config_path=reference / "paint" / "tiny_viscpm_paint_config.json",
+                       progress_bar=False, **options)
+
+
+@pytest.fixture(scope="module")
+def painter(reference, checkpoint_dir):
+    return open_tiny(reference, checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def golden(reference):
+    return load_file(reference / "paint" / "tiny_viscpm_paint_golden.safetensors")
+
+
+def golden_call(painter, golden, case, prompt=None, **overrides):
+    """The reference's call: 4 DDPM steps at 32 px, CFG 7.5, its latents, generator seeded 42.
+    Returns the painted images and the per-step records."""
+    steps = []
+    record = lambda step: steps.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in vars(step).items()})
+    kwargs = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, guidance_scale=7.5,
+                  generator=torch.Generator().manual_seed(42), latents=golden[f"{case}.initial_latents"],
+                  callback=record)
+    kwargs.update(overrides)
+    results = painter.paint(PROMPTS[case] if prompt is None else prompt, **kwargs)
+    return results, steps
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).astype(int)
+
+
+# -- fidelity --------------------------------------------------------------------------------
+
+
+def test_rng_draws_are_the_recorded_variance_noise(golden):
+    """torch's CPU generator seeded 42 gives the DDPM noise the reference drew, so the end-to-end
+    tests can use the generator (if torch ever changes this, this test says so first)."""
+    generator = torch.Generator().manual_seed(42)
+    for i in range(3):
+        assert torch.equal(torch.randn((1, 4, 16, 16), generator=generator), golden[f"en.variance_noise{i}"])
+
+
+@pytest.mark.parametrize("case", ["en", "zh"])
+def test_golden_paint_run(painter, golden, case):
+    results, steps = golden_call(painter, golden, case)
+    with torch.no_grad():
+        states = painter.encode_prompt(PROMPTS[case])
+    torch.testing.assert_close(states, golden[f"{case}.unet_encoder_hidden_states"], rtol=1e-5, atol=1e-5)
+    assert [s["timestep"] for s in steps] == [750, 500, 250, 0]
+    for i, step in enumerate(steps):
+        g = lambda name: golden[f"{case}.step{i}.{name}"]
+        torch.testing.assert_close(step["latents_in"], g("latents_in"), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step["model_input"], g("unet_in_sample"), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step["model_output"], g("unet_out"), rtol=1e-4, atol=1e-4)  # uncond first
+        torch.testing.assert_close(step["noise_pred"], g("guided_noise_pred"), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step["latents"], g("prev_sample"), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(steps[-1]["latents"], golden[f"{case}.final_latents"], rtol=1e-4, atol=1e-4)
+    decoded = painter.decode_latents(golden[f"{case}.final_latents"])
+    np.testing.assert_allclose(decoded, golden[f"{case}.decoded_float_image"].numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(pixels(results[0].image) - golden[f"{case}.image_uint8"].numpy()).max() <= 1
+    meta = results[0]
+    assert (meta.seed, meta.num_inference_steps, meta.scheduler, meta.guidance_scale) == (None, 4, "ddpm", 7.5)
+
+
+@pytest.mark.parametrize("case", ["en", "zh"])
+def test_seed_api_returns_the_reference_grid(painter, golden, case):
+    image = painter.generate(PROMPTS[case], image_size=SIZE, generator=torch.Generator().manual_seed(42),
+                             latents=golden[f"{case}.initial_latents"], num_inference_steps=STEPS)
+    assert isinstance(image, Image.Image) and image.size == (SIZE, SIZE)
+    assert np.abs(pixels(image) - golden[f"{case}.grid_image_uint8"].numpy()).max() <= 1
+
+
+def test_ddpm_step_matches_golden_with_the_recorded_noise(reference, golden, monkeypatch):
+    """The scheduler alone: each golden x_t and guided noise, the recorded variance noise, our
+    'ddpm' settings -> the golden x_{t-1}; diffusers' own defaults ([751, 501, ...]) do not."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm
+
+    config = json.loads((reference / "paint" / "tiny_viscpm_paint_config.json").read_text())
+    sd_config = config["scheduler_json_used (SD2.1-base scheduler_config.json)"]
+
+    def run(scheduler):
+        noise = [golden[f"en.variance_noise{i}"] for i in range(3)] + [torch.zeros(1, 4, 16, 16)]
+        monkeypatch.setattr(ddpm, "randn_tensor", lambda *a, **k: noise.pop(0))
+        scheduler.set_timesteps(STEPS)
+        out = []
+        for i, t in enumerate(scheduler.timesteps):
+            step = scheduler.step(golden[f"en.step{i}.guided_noise_pred"], t, golden[f"en.step{i}.latents_in"])
+            out.append(step.prev_sample)
+        return scheduler.timesteps.tolist(), out
+
+    timesteps, ours = run(build_scheduler("ddpm", sd_config))
+    assert timesteps == [750, 500, 250, 0]
+    for i, prev in enumerate(ours):
+        torch.testing.assert_close(prev, golden[f"en.step{i}.prev_sample"], rtol=1e-5, atol=1e-5)
+    timesteps, default = run(DDPMScheduler.from_config(sd_config))
+    assert timesteps == [751, 501, 251, 1]
+    assert not torch.allclose(default[0], golden["en.step0.prev_sample"], rtol=1e-4, atol=1e-4)
+
+
+def test_golden_run_catches_a_wrong_scheduler_and_swapped_guidance(painter, reference, golden):
+    expected = golden["en.final_latents"]
+    sd_config = painter.config.scheduler
+    _, steps = golden_call(painter, golden, "en", scheduler=DDPMScheduler.from_config(sd_config))  # steps_offset 1
+    assert [s["timestep"] for s in steps] == [751, 501, 251, 1]
+    assert (steps[-1]["latents"] - expected).abs().max() > 1e-2
+    # prompt and negative exchanged = the CFG halves swapped
+    _, steps = golden_call(painter, golden, "en", prompt="", negative_prompt=PROMPTS["en"])
+    torch.testing.assert_close(steps[0]["model_output"].flip(0), golden["en.step0.unet_out"], rtol=1e-4, atol=1e-4)
+    assert (steps[-1]["latents"] - expected).abs().max() > 1e-2
+
+
+def test_golden_run_catches_a_missing_bridge_layernorm(painter, golden):
+    bridge = painter.model.bridge
+    norm, bridge.norm = bridge.norm, torch.nn.Identity()
+    try:
+        _, steps = golden_call(painter, golden, "en")
+    finally:
+        bridge.norm = norm
+    assert (steps[0]["model_output"] - golden["en.step0.unet_out"]).abs().max() > 1e-3
+
+
+# -- behaviour -------------------------------------------------------------------------------
+
+
+def test_seeds_reproduce_and_are_reported(painter):
+    run = lambda seed: painter.paint("a red square", num_inference_steps=2, seed=seed)[0]
+    a, b, c = run(7), run(7), run(8)
+    assert a.seed == 7 and np.array_equal(pixels(a.image), pixels(b.image))
+    assert not np.array_equal(pixels(a.image), pixels(c.image))
+    fresh = run(None)
+    assert isinstance(fresh.seed, int)
+    assert np.array_equal(pixels(run(fresh.seed).image), pixels(fresh.image))
+    with pytest.raises(ValueError, match="seed or generator"):
+        painter.paint("x", seed=1, generator=torch.Generator())
+
+
+def test_num_images_per_prompt_and_prompt_lists(painter):
+    results = painter.paint("a red square", num_images_per_prompt=3, num_inference_steps=2, seed=10)
+    assert len(results) == 3 and all(r.image.size == (SIZE, SIZE) for r in results)
+    assert len({pixels(r.image).tobytes() for r in results}) == 3  # different noise, different images
+    assert [r.seed for r in results] == [10, 11, 12]
+    alone = painter.paint("a red square", num_inference_steps=2, seed=11)[0]  # any image, painted again alone
+    assert np.abs(pixels(alone.image) - pixels(results[1].image)).max() <= 1
+    results = painter.paint(["a red square", "一个蓝色的圆"], ["blurry", None], num_images_per_prompt=2,
+                            num_inference_steps=2, seed=0)
+    assert [r.prompt for r in results] == ["a red square"] * 2 + ["一个蓝色的圆"] * 2
+    assert [r.negative_prompt for r in results] == ["blurry"] * 2 + [None] * 2
+    assert [r.seed for r in results] == [0, 1, 2, 3]
+    grid = painter.generate("a red square", num_images_per_prompt=2, image_size=SIZE, num_inference_steps=2)
+    assert grid.size == (2 * SIZE, SIZE)
+
+
+def test_height_and_width_are_honoured(painter):
+    result = painter.paint("a red square", height=24, width=40, num_inference_steps=2, seed=0)[0]
+    assert result.image.size == (40, 24)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_each_scheduler_by_name_paints(painter, name):
+    result = painter.paint("a red square", num_inference_steps=3, scheduler=name, seed=0)[0]
+    assert result.scheduler == name
+    assert pixels(result.image).std() > 0  # a real image, not NaN-black
+
+
+def test_unknown_scheduler_is_a_clear_error(painter):
+    with pytest.raises(ValueError, match="unknown scheduler 'plms'; choose one of"):
+        painter.paint("x", scheduler="plms")
+
+
+def test_empty_prompt_is_the_unconditional_sample(painter):
+    """Allowed: '' is the official unconditional prompt, so guidance changes nothing."""
+    guided = painter.paint("", num_inference_steps=2, seed=3)[0]
+    plain = painter.paint("", num_inference_steps=2, seed=3, guidance_scale=1.0)[0]
+    assert np.abs(pixels(guided.image) - pixels(plain.image)).max() <= 1
+
+
+def test_over_long_prompts_are_refused(painter):
+    text = "猫" * MAX_PROMPT_TOKENS
+    with pytest.raises(ValueError, match=f"the prompt is .* tokens but the limit is {MAX_PROMPT_TOKENS}"):
+        painter.paint(text, num_inference_steps=1)
+    with pytest.raises(ValueError, match="the negative prompt is .* tokens"):
+        painter.paint("a cat", text, num_inference_steps=1)
+
+
+def test_markup_in_prompts_is_plain_text(painter):
+    """The official converter crashed on '<b>'; here it is literal text."""
+    assert painter.paint("a <b>bold</b> cat", num_inference_steps=1, seed=0)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(height=33), "height must be a positive multiple of 2"),
+    (dict(width=0), "width must be a positive multiple of 2"),
+    (dict(height=-32), "height must be a positive multiple"),
+    (dict(num_inference_steps=0), "num_inference_steps must be an integer from 1 to 1000, got 0"),
+    (dict(num_inference_steps=-3), "num_inference_steps must be an integer from 1"),
+    (dict(num_inference_steps=1001), "num_inference_steps must be an integer from 1 to 1000"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt must be a positive integer"),
+    (dict(guidance_scale=-1.0), "guidance_scale must be a finite number >= 0"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(latents=torch.zeros(1, 4, 8, 8)), r"latents must have shape \[1, 4, 16, 16\]"),
+    (dict(latents=torch.zeros(2, 4, 16, 16)), "latents hold 2 images but this call paints 1"),
+])
+def test_bad_arguments_are_clear_errors(painter, options, message):
+    with pytest.raises(ValueError, match=message):
+        painter.paint("a cat", **options)
+
+
+def test_prompts_must_be_text(painter):
+    with pytest.raises(TypeError, match="prompt must be a string or a list of strings, got NoneType"):
+        painter.paint(None)
+    with pytest.raises(TypeError, match="the prompt must be a string, got int"):
+        painter.paint(["a cat", 3], num_inference_steps=1)
+
+
+def test_guidance_below_one_turns_guidance_off(painter, caplog):
+    with caplog.at_level(logging.WARNING, logger="viscpm"):
+        low = painter.paint("a cat", "a dog", guidance_scale=0.5, num_inference_steps=2, seed=4)[0]
+    assert "turns classifier-free guidance off" in caplog.text and "negative prompt is ignored" in caplog.text
+    one = painter.paint("a cat", guidance_scale=1.0, num_inference_steps=2, seed=4)[0]
+    assert np.array_equal(pixels(low.image), pixels(one.image))
+    steps = []
+    painter.paint("a cat", guidance_scale=1.0, num_inference_steps=1, seed=4, callback=steps.append)
+    assert steps[0].model_input.size(0) == 1  # one UNet pass per step, no unconditional half
+
+
+def test_progress_bar_can_be_shown(painter, capsys):
+    painter.progress_bar = True
+    try:
+        painter.paint("a cat", num_inference_steps=2, seed=0)
+    finally:
+        painter.progress_bar = False
+    assert "painting" in capsys.readouterr().err
+
+
+# -- safety and ranking ----------------------------------------------------------------------
+
+
+def test_official_defaults_ask_for_checkers_before_loading_anything(tmp_path):
+    with pytest.raises(ValueError, match="no image safety checker is bundled yet; pass image_safety_checker=False"):
+        VisCPMPaint(tmp_path / "does-not-matter.pt")
+    with pytest.raises(ValueError, match="prompt_safety_checker=False"):
+        VisCPMPaint(tmp_path / "x.pt", image_safety_checker=False)
+    with pytest.raises(ValueError, match="add_ranker=False"):
+        VisCPMPaint(tmp_path / "x.pt", image_safety_checker=False, prompt_safety_checker=False)
+    with pytest.raises(TypeError, match="add_ranker must be a bool or a callable"):
+        VisCPMPaint(tmp_path / "x.pt", image_safety_checker=False, prompt_safety_checker=False, add_ranker="clip")
+
+
+def test_pluggable_checkers_and_ranker(reference, checkpoint_dir, caplog):
+    seen = {}
+
+    def ranker(prompt, images):
+        seen["ranked"] = (prompt, len(images))
+        return [0.1, 0.9, 0.5, 0.7]
+
+    painter = open_tiny(reference, checkpoint_dir, image_safety_checker=lambda im: True,
+                        prompt_safety_checker=lambda text: "forbidden" in text, add_ranker=ranker)
+    with pytest.raises(RefusedPrompt, match="forbidden"):
+        painter.paint("something forbidden")
+    with caplog.at_level(logging.WARNING, logger="viscpm"):
+        results = painter.paint("a cat", num_inference_steps=1, seed=0)
+    assert seen["ranked"] == ("a cat", RANKER_CANDIDATES)
+    assert len(results) == 1 and results[0].flagged and results[0].score == 0.9
+    assert pixels(results[0].image).max() == 0 and "flagged 4 of 4" in caplog.text
+    assert painter.generate("a cat", image_size=SIZE, num_inference_steps=1).size == (SIZE, SIZE)
+
+
+def test_ranker_prefers_unflagged_images(reference, checkpoint_dir):
+    flags = iter([True, False, True, False])
+    painter = open_tiny(reference, checkpoint_dir, image_safety_checker=lambda im: next(flags),
+                        add_ranker=lambda prompt, images: [0.9, 0.2, 0.8, 0.3])
+    result = painter.paint("a cat", num_inference_steps=1, seed=0)[0]
+    assert not result.flagged and result.score == 0.3
+
+
+# -- loading and saving ----------------------------------------------------------------------
+
+
+def test_save_pretrained_round_trip(painter, tmp_path):
+    folder = painter.save_pretrained(tmp_path / "saved")
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "vocab.txt", "vae"}
+    again = VisCPMPaint(folder, False, False, False, progress_bar=False)
+    assert again.config == painter.config
+    a = painter.paint("a cat", num_inference_steps=2, seed=5)[0]
+    b = again.paint("a cat", num_inference_steps=2, seed=5)[0]
+    assert np.array_equal(pixels(a.image), pixels(b.image))
+
+
+def test_fp16_checkpoint_keeps_the_llm_in_fp16_and_the_rest_in_fp32(reference, checkpoint_dir, tmp_path):
+    """As officially: CPM-Bee in the checkpoint's half precision, bridge/UNet/VAE in fp32."""
+    folder = tmp_path / "half"
+    shutil.copytree(checkpoint_dir, folder)
+    torch.save({k: v.half() for k, v in official_tiny_state(reference).items()}, folder / CHECKPOINT)
+    painter = open_tiny(reference, folder)
+    assert painter.model.llm.embed.weight.dtype == torch.float16
+    diffusion_parts = (painter.model.bridge, painter.model.unet, painter.vae)
+    assert {p.dtype for part in diffusion_parts for p in part.parameters()} == {torch.float32}
+    assert painter.paint("a cat", num_inference_steps=1, seed=0)[0].image.size == (SIZE, SIZE)
+
+
+def test_painted_image_saves_png_with_settings(painter, tmp_path):
+    result = painter.paint("海上生明月", num_inference_steps=1, seed=11)[0]
+    assert isinstance(result, PaintedImage)
+    result.save(tmp_path / "moon.png")
+    with Image.open(tmp_path / "moon.png") as image:
+        settings = json.loads(image.text["viscpm"])
+    assert settings["prompt"] == "海上生明月" and settings["seed"] == 11 and settings["scheduler"] == "ddpm"
+
+
+def test_vae_can_be_given_or_found_inside_a_stable_diffusion_folder(reference, checkpoint_dir, tmp_path):
+    write_vae_folder(reference, tmp_path / "sd21" / "vae")
+    painter = open_tiny(reference, checkpoint_dir, vae_path=tmp_path / "sd21")  # the folder holding vae/
+    assert painter.vae_scale_factor == 2
+
+
+def test_missing_parts_give_clear_errors(reference, checkpoint_dir, tmp_path):
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    shutil.copy(checkpoint_dir / CHECKPOINT, lonely / CHECKPOINT)
+    with pytest.raises(CheckpointError, match="vocab not found"):
+        open_tiny(reference, lonely)
+    shutil.copy(reference / "cpmbee" / "vocab.txt", lonely / "vocab.txt")
+    with pytest.raises(CheckpointError, match="VAE not found .*pass vae_path="):
+        open_tiny(reference, lonely)
+    (lonely / "vae").mkdir()
+    (lonely / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    with pytest.raises(CheckpointError, match="cannot load the VAE"):
+        open_tiny(reference, lonely)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        open_tiny(reference, tmp_path / "nowhere")
+
+
+def test_no_model_path_uses_the_packaged_default():
+    from viscpm.pipelines.defaults import default_model_path
+
+    try:
+        default_model_path("paint")
+    except FileNotFoundError as error:
+        with pytest.raises(FileNotFoundError, match="pass model_path="):
+            VisCPMPaint(None, False, False, False)
+        assert "paint" in str(error)
+    else:
+        pytest.skip("a default paint model is packaged; it is tested with the package assets")
