@@ -179,3 +179,54 @@ def _tiny_vae(tmp_path):
                                 "up_block_types": ["UpDecoderBlock2D"], "layers_per_block": 1,
                                 "norm_num_groups": 4, "sample_size": 16, "latent_channels": 4}))
     return path
+
+
+def _tiny_paint(tmp_path, world):
+    """A fresh tiny paint config + a trained-for-nothing VAE folder."""
+    from diffusers import AutoencoderKL
+
+    llm = json.loads(world["lm"].read_text())
+    unet = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+            "block_out_channels": [16, 32], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 16,
+            "attention_head_dim": [2, 4], "norm_num_groups": 8, "use_linear_projection": True}
+    (tmp_path / "paint.json").write_text(json.dumps({"llm": llm, "unet": unet, "bridge": {"dim_in": 32, "dim_out": 16}}))
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4,
+                  sample_size=16).save_pretrained(tmp_path / "vae-folder")
+    return tmp_path / "paint.json", tmp_path / "vae-folder"
+
+
+def test_paint_stages_freeze_what_they_should_and_load_in_the_pipeline(tmp_path, world):
+    from viscpm.pipelines.paint import VisCPMPaint
+
+    paint_config, vae_folder = _tiny_paint(tmp_path, world)
+    run_stage(tmp_path, "lm", {"config": world["lm"], "vocab": world["vocab"]}, {"train": world["texts"]}, max_steps=3)
+    model = {"config": paint_config, "vae": vae_folder, "llm_init": tmp_path / "lm" / "final"}
+    bridge_recipe = build_recipe("paint-bridge", TrainConfig.from_dict(
+        {"model": model, "data": {"train": world["captions"]}, "train": {"output_dir": tmp_path / "x", "max_steps": 1}}))
+    unet_before = {k: v.clone() for k, v in bridge_recipe.model.unet.state_dict().items()}
+    llm_before = {k: v.clone() for k, v in bridge_recipe.model.llm.state_dict().items()}
+    recipe, _, losses = run_stage(tmp_path, "paint-bridge", model, {"train": world["captions"], "caption_dropout": 0.0},
+                                  max_steps=25, learning_rate=5e-3)
+    assert losses[-1] < losses[0], losses
+    for key, value in recipe.model.unet.state_dict().items():
+        assert torch.equal(value, unet_before[key]), key
+    for key, value in recipe.model.llm.state_dict().items():
+        assert torch.equal(value, llm_before[key]), key
+
+    recipe, _, _ = run_stage(tmp_path, "paint-xattn", {"init": tmp_path / "paint-bridge" / "final"},
+                             {"train": world["captions"]}, max_steps=3)
+    trained = {n for n, p in recipe.model.unet.named_parameters() if p.requires_grad}
+    assert trained and all(".attn2." in n for n in trained)
+    painter = VisCPMPaint(tmp_path / "paint-xattn" / "final", image_safety_checker=False, prompt_safety_checker=False,
+                          add_ranker=False, progress_bar=False)
+    image = painter.paint("a red image", num_inference_steps=2, seed=0)[0].image
+    assert image.size == (16, 16)
+
+    recipe, _, _ = run_stage(tmp_path, "paint-xattn", {"init": tmp_path / "paint-bridge" / "final"},
+                             {"train": world["captions"]}, max_steps=2, output_dir=tmp_path / "xattn-lora",
+                             lora={"r": 2, "alpha": 4, "target_modules": ["attn2.to_q", "attn2.to_k", "attn2.to_v"]})
+    VisCPMPaint(tmp_path / "xattn-lora" / "final", image_safety_checker=False, prompt_safety_checker=False,
+                add_ranker=False)  # adapters merged: loads as a plain model

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 VOCAB_NAME = "vocab.txt"
+VAE_FOLDER = "vae"  # the Paint VAE (a diffusers AutoencoderKL folder) beside the weights
 MAX_LISTED = 8  # keys shown per category in an error message
 
 ConfigT = TypeVar("ConfigT")
@@ -224,3 +225,23 @@ def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(str(tmp))
     os.replace(tmp, path)
+
+
+def load_vae(path: str | os.PathLike):
+    """A diffusers ``AutoencoderKL`` from a local folder (``config.json`` + weights), or from the
+    ``vae/`` subfolder of a local Stable Diffusion folder. Never downloads."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file() and (folder / VAE_FOLDER / "config.json").is_file():
+        folder = folder / VAE_FOLDER
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"VAE not found at {path} (no config.json); the Paint checkpoint has no VAE: pass vae_path= a "
+            f"local diffusers AutoencoderKL folder, e.g. stable-diffusion-2-1-base/vae, or put it in "
+            f"{VAE_FOLDER}/ beside the checkpoint"
+        )
+    from diffusers import AutoencoderKL  # lazily: diffusers takes seconds to import
+
+    try:
+        return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise CheckpointError(f"cannot load the VAE from {folder}: {error}") from None

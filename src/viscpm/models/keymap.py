@@ -2,9 +2,9 @@
 
 Our modules use names that explain themselves (``attn.q`` instead of
 ``self_att.self_attention.project_q``); official checkpoints keep theirs. Each model file declares
-one table of ``(official_pattern, our_pattern)`` pairs; ``{name}`` fields match one dotted-free key
-part (a layer index, an expert letter, ``weight``/``bias``). The same table renames both ways, so
-loading and saving cannot drift apart.
+one table of ``(official_pattern, our_pattern)`` pairs; ``{name}`` fields match one dot-free key
+part (a layer index, an expert letter, ``weight``/``bias``), ``{name*}`` any rest of the key. The
+same table renames both ways, so loading and saving cannot drift apart.
 """
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ KeyRules = tuple[tuple[str, str], ...]
 
 @lru_cache(maxsize=None)
 def _compile(pattern: str) -> re.Pattern[str]:
-    parts = re.split(r"(\{\w+\})", pattern)
-    regex = "".join(f"(?P<{p[1:-1]}>[^.]+)" if p.startswith("{") else re.escape(p) for p in parts)
+    parts = re.split(r"(\{\w+\*?\})", pattern)
+    regex = "".join(
+        (f"(?P<{p[1:-2]}>.+)" if p.endswith("*}") else f"(?P<{p[1:-1]}>[^.]+)") if p.startswith("{") else re.escape(p)
+        for p in parts
+    )
     return re.compile(regex + r"\Z")
 
 
@@ -26,7 +29,7 @@ def _rename(key: str, rules: KeyRules, forward: bool) -> str | None:
         source, target = (official, ours) if forward else (ours, official)
         match = _compile(source).match(key)
         if match:
-            return target.format(**match.groupdict())
+            return target.replace("*}", "}").format(**match.groupdict())
     return None
 
 

@@ -125,12 +125,7 @@ PAINT_PRESETS: dict[str, PaintConfig] = {
 
 # diffusers names the UNet's parameters the same in the official checkpoint (saved with diffusers
 # 0.15) and in diffusers today (checked against the 10B manifest), so ``unet.*`` maps to itself.
-# A rule's ``{name}`` matches one dot-free part, hence one identity rule per key depth.
-_UNET_MAX_KEY_PARTS = 12
-UNET_KEY_RULES: KeyRules = tuple(
-    (pattern, pattern)
-    for pattern in ("unet." + ".".join(f"{{p{i}}}" for i in range(n)) for n in range(1, _UNET_MAX_KEY_PARTS + 1))
-)
+UNET_KEY_RULES: KeyRules = (("unet.{rest*}", "unet.{rest*}"),)
 
 PAINT_KEY_RULES: KeyRules = (
     ("trans_block.w_out_res.weight", "bridge.proj.weight"),

@@ -43,7 +43,7 @@ from PIL.PngImagePlugin import PngInfo
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoints import CheckpointError, find_vocab, load_weights, save_folder
+from ..checkpoints import VAE_FOLDER, CheckpointError, find_vocab, load_vae, load_weights, save_folder
 from ..models.paint import PAINT_KEY_RULES, PAINT_PRESETS, PaintConfig, PaintModel
 from ..prompt import BeeInputs, collate_for_forward, convert_data_to_id
 from ..tokenization import CPMBeeTokenizer
@@ -53,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 MAX_PROMPT_TOKENS = 3000  # CPM-Bee's input limit in VisCPM (max_inp_length); longer is refused
 RANKER_CANDIDATES = 4  # official: the ranker picks the best of 4 images for each one returned
-VAE_FOLDER = "vae"
 GRID_MAX_COLUMNS = 8
 
 ImageChecker = Callable[[Image.Image], bool]  # True = flagged
@@ -82,24 +81,6 @@ def build_scheduler(name: str, config: dict) -> SchedulerMixin:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
     cls, overrides = SCHEDULERS[name]
     return cls.from_config({**config, **overrides})
-
-
-def load_vae(path: str | os.PathLike) -> AutoencoderKL:
-    """A diffusers ``AutoencoderKL`` from a local folder (``config.json`` + weights), or from the
-    ``vae/`` subfolder of a local Stable Diffusion folder. Never downloads."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file() and (folder / VAE_FOLDER / "config.json").is_file():
-        folder = folder / VAE_FOLDER
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"VAE not found at {path} (no config.json); the Paint checkpoint has no VAE: pass vae_path= a "
-            f"local diffusers AutoencoderKL folder, e.g. stable-diffusion-2-1-base/vae, or put it in "
-            f"{VAE_FOLDER}/ beside the checkpoint"
-        )
-    try:
-        return AutoencoderKL.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        raise CheckpointError(f"cannot load the VAE from {folder}: {error}") from None
 
 
 def grid_image(images: Sequence[Image.Image]) -> Image.Image:

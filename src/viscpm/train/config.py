@@ -29,12 +29,12 @@ class ModelSection:
     vocab: Path | None = None  # vocab for a fresh model (or to override the one beside `init`)
     llm_init: Path | None = None  # chat-align / paint: the LLM from an `lm` run
     vae: Path | None = None  # paint stages: a diffusers AutoencoderKL folder (e.g. from a `vae` run)
+    unet: str = "cross_attention"  # paint-xattn: train the UNet's "cross_attention" or "all" of it
 
 
 @dataclass(frozen=True)
 class DataSection:
     train: Path
-    format: str = "auto"  # captions | conversations | text | webdataset | auto (by file name)
     image_root: Path | None = None  # default: the folder of the data file
     max_tokens: int = 512  # longer samples are skipped and counted
     max_skipped_fraction: float = 0.05  # stop with an error once more records than this are bad
@@ -115,8 +115,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {t.lr_schedule!r}")
         if not 0 <= self.data.max_skipped_fraction <= 1:
             raise ValueError("max_skipped_fraction must be between 0 and 1")
-        if self.data.format not in ("auto", "captions", "conversations", "text", "webdataset"):
-            raise ValueError(f"unknown data format {self.data.format!r}")
+        if self.model.unet not in ("cross_attention", "all"):
+            raise ValueError(f"[model] unet must be 'cross_attention' or 'all', got {self.model.unet!r}")
 
 
 def _section(cls, raw: dict[str, Any], base: Path):

@@ -6,6 +6,8 @@ The loop itself (accelerate, checkpoints, logging) is shared: ``engine.train``.
     chat-align  stage 1: LLM frozen; vision encoder, queries and mapping learn from captions
     chat-sft    stage 2: everything (or LoRA on the LLM) on instruction conversations
     vae         an AutoencoderKL for worlds without a pretrained VAE (small models)
+    paint-bridge  Paint stage 1: LLM and UNet frozen; the bridge learns (diffusion loss)
+    paint-xattn   Paint stage 2: also the UNet's cross-attention (or all of it, or LoRA on it)
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import find_vocab, load_weights, save_folder
+from ..checkpoints import VAE_FOLDER, find_vocab, load_vae, load_weights, save_folder
 from ..image_processing import ImageTransform
 from ..models.chat import CHAT_KEY_RULES, CHAT_PRESETS, CHAT_UNUSED_OFFICIAL_KEYS, ChatConfig, ChatModel
 from ..models.cpmbee import CPMBEE_KEY_RULES, CPMBEE_PRESETS, CPMBee, CPMBeeConfig
+from ..models.paint import PAINT_KEY_RULES, PAINT_PRESETS, PaintConfig, PaintModel
 from ..prompt import IGNORE_INDEX, BeeInputs, ConvertedPrompt, collate_for_forward, convert_data_to_id
 from ..tokenization import UNK_TOKEN, CPMBeeTokenizer
 from .config import ModelSection, TrainConfig
@@ -66,6 +69,17 @@ def load_lm(section: ModelSection) -> tuple[CPMBee, CPMBeeConfig, Path]:
     return CPMBee(config), config, section.vocab
 
 
+def _load_llm_into(model: nn.Module, section: ModelSection, llm_config: CPMBeeConfig) -> Path | None:
+    """Replace ``model.llm`` by an ``lm`` run's weights; returns that run's vocab."""
+    if section.llm_init is None:
+        return None
+    llm, config, weights = load_lm(ModelSection(init=section.llm_init))
+    if config != llm_config:
+        raise ValueError(f"the LLM in {section.llm_init} ({config}) does not match the model config's ({llm_config})")
+    model.llm.load_state_dict(llm.state_dict())
+    return find_vocab(weights, None)
+
+
 def load_chat(section: ModelSection, *, vision_trainable: bool, llm_trainable: bool) -> tuple[ChatModel, ChatConfig, Path]:
     """A chat model from ``init`` (saved folder or official .pt) or fresh from ``config``, with
     the LLM optionally taken from an ``lm`` run (``llm_init``)."""
@@ -82,12 +96,8 @@ def load_chat(section: ModelSection, *, vision_trainable: bool, llm_trainable: b
         config = ChatConfig.from_dict(_read_json(section.config))
         model = build(config)
         vocab = section.vocab
-    if section.llm_init is not None:
-        llm, llm_config, llm_weights = load_lm(ModelSection(init=section.llm_init))
-        if llm_config != config.llm:
-            raise ValueError(f"the LLM in {section.llm_init} ({llm_config}) does not match the chat config's ({config.llm})")
-        model.llm.load_state_dict(llm.state_dict())
-        vocab = section.vocab or find_vocab(llm_weights, None)
+    llm_vocab = _load_llm_into(model, section, config.llm)
+    vocab = section.vocab or llm_vocab or vocab
     if vocab is None:
         raise ValueError("[model] needs vocab = … (or a saved model with vocab.txt beside it)")
     return model, config, Path(vocab)
@@ -293,12 +303,12 @@ def image_to_tensor(image, size: int) -> torch.Tensor:
     return pixels.view(size, size, 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def load_vae(section: ModelSection):
+def build_vae(section: ModelSection):
     """A diffusers AutoencoderKL from a local folder (``init``) or a config JSON (fresh)."""
     from diffusers import AutoencoderKL
 
     if section.init is not None:
-        return AutoencoderKL.from_pretrained(section.init, local_files_only=True)
+        return load_vae(section.init)
     if section.config is None:
         raise ValueError("[model] needs init = a diffusers VAE folder, or config = an AutoencoderKL config JSON")
     return AutoencoderKL.from_config(_read_json(section.config))
@@ -307,7 +317,7 @@ def load_vae(section: ModelSection):
 def vae(config: TrainConfig) -> Recipe:
     """An image autoencoder for a world with no pretrained VAE (small sizes: no GAN or
     perceptual loss, which large photographic VAEs need)."""
-    autoencoder = load_vae(config.model)
+    autoencoder = build_vae(config.model)
     source = _source(config)
     records = [r for r in source.records if r.image is not None]
     examples = ImageExamples(records, autoencoder.config.sample_size)
@@ -320,11 +330,129 @@ def vae(config: TrainConfig) -> Recipe:
                   malformed=source.malformed + len(source.records) - len(records))
 
 
+# ---------------------------------------------------------------------------------------------
+# Paint: the bridge, then the UNet's cross-attention (or all of the UNet, for a new world)
+
+
+def load_paint(section: ModelSection, *, unet_trainable: bool | str) -> tuple[PaintModel, PaintConfig, Path, nn.Module]:
+    """(model, config, vocab, vae) from ``init`` (saved folder / official .pt, VAE beside it or
+    ``vae =``) or fresh from ``config`` (+ ``llm_init``, ``vae``, ``vocab``). The LLM stays frozen."""
+    build = partial(PaintModel, llm_trainable=False, bridge_trainable=True, unet_trainable=unet_trainable)
+    if section.init is not None:
+        model, config, weights = load_weights(section.init, None, config_from_dict=PaintConfig.from_dict,
+                                              presets=PAINT_PRESETS, build=build, rules=PAINT_KEY_RULES)
+        model = model.float()
+        vocab = find_vocab(weights, section.vocab)
+        vae_path = section.vae or weights.parent / VAE_FOLDER
+    else:
+        if section.config is None or section.vae is None:
+            raise ValueError("[model] needs init = a saved paint model, or config = … and vae = … for a fresh one")
+        config = PaintConfig.from_dict(_read_json(section.config))
+        model, vocab, vae_path = build(config), section.vocab, section.vae
+    llm_vocab = _load_llm_into(model, section, config.llm)
+    vocab = section.vocab or llm_vocab or vocab
+    if vocab is None:
+        raise ValueError("[model] needs vocab = … (or llm_init = an lm run with vocab.txt beside it)")
+    autoencoder = load_vae(vae_path).requires_grad_(False).eval()
+    return model, config, Path(vocab), autoencoder
+
+
+@dataclass
+class PaintExample:
+    prompt: ConvertedPrompt
+    image: torch.Tensor  # (3, S, S) in [-1, 1]
+
+
+class PaintExamples:
+    def __init__(self, items: list[tuple[Record, str]], tokenizer: CPMBeeTokenizer, size: int, max_tokens: int):
+        self.items, self.tokenizer, self.size, self.max_tokens = items, tokenizer, size, max_tokens
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> PaintExample:
+        record, caption = self.items[index]
+        prompt = paint_prompt(self.tokenizer, caption)
+        if len(prompt.input_ids) > self.max_tokens:
+            raise BadRecord("over-long", f"{len(prompt.input_ids)} tokens > max_tokens={self.max_tokens}")
+        return PaintExample(prompt, image_to_tensor(record.open_image(), self.size))
+
+
+def paint_prompt(tokenizer: CPMBeeTokenizer, caption: str) -> ConvertedPrompt:
+    """The official Paint prompt form."""
+    return convert_data_to_id(tokenizer, {"caption": tokenizer.escape(caption), "objects": ""})
+
+
+def _paint_recipe(name: str, config: TrainConfig, unet_trainable: bool | str) -> Recipe:
+    lora = config.lora is not None
+    model, model_config, vocab, autoencoder = load_paint(config.model, unet_trainable=False if lora else unet_trainable)
+    if lora:
+        add_lora(model.unet, config.lora)
+    tokenizer = CPMBeeTokenizer(vocab)
+    empty = paint_prompt(tokenizer, "")
+    latent_size = model_config.unet["sample_size"]
+    size = latent_size * 2 ** (len(autoencoder.config.block_out_channels) - 1)
+    source = _source(config)
+    items, malformed = [], source.malformed
+    for record in source.records:
+        caption = record.fields.get("caption")
+        if not isinstance(caption, str) or record.image is None:
+            malformed += 1
+        else:
+            items.append((record, caption))
+    noise_schedule = _training_noise_schedule(model_config.scheduler)
+    dropout = config.data.caption_dropout
+
+    def collate(examples: list[PaintExample]):
+        # a share of empty captions teaches the unconditional prediction that guidance needs
+        drop = torch.rand(len(examples)) < dropout
+        prompts = [empty if d else e.prompt for d, e in zip(drop.tolist(), examples)]
+        return collate_for_forward(prompts, tokenizer), torch.stack([e.image for e in examples])
+
+    def loss(model: nn.Module, batch) -> torch.Tensor:
+        inputs, images = batch
+        device = next(model.parameters()).device
+        autoencoder.to(device)
+        with torch.no_grad():
+            latents = autoencoder.encode(images.to(device)).latent_dist.sample() * autoencoder.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(latents),), device=device)
+        noisy = noise_schedule.add_noise(latents, noise, timesteps)
+        prediction = model(noisy, timesteps, inputs.to(device))
+        return (prediction.float() - noise.float()).pow(2).flatten(1).mean(1).sum()
+
+    def save(model: nn.Module, folder: Path) -> None:
+        save_folder(merge_lora(model), model_config, folder, vocab)
+        autoencoder.save_pretrained(folder / VAE_FOLDER)
+
+    return Recipe(name, model, PaintExamples(items, tokenizer, size, config.data.max_tokens), collate,
+                  len, loss, save, malformed=malformed)
+
+
+def _training_noise_schedule(scheduler_config: dict):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler_config)
+
+
+def paint_bridge(config: TrainConfig) -> Recipe:
+    """Paint stage 1: LLM and UNet frozen; the bridge learns to speak the UNet's language."""
+    return _paint_recipe("paint-bridge", config, unet_trainable=False)
+
+
+def paint_xattn(config: TrainConfig) -> Recipe:
+    """Paint stage 2: the bridge plus the UNet's cross-attention (``[model] unet = "all"``
+    trains the whole UNet, for a world with no pretrained one; ``[lora]`` trains adapters on it)."""
+    return _paint_recipe("paint-xattn", config, unet_trainable=True if config.model.unet == "all" else "cross_attention")
+
+
 STAGES: dict[str, Callable[[TrainConfig], Recipe]] = {
     "lm": lm,
     "chat-align": chat_align,
     "chat-sft": chat_sft,
     "vae": vae,
+    "paint-bridge": paint_bridge,
+    "paint-xattn": paint_xattn,
 }
 
 
