@@ -50,3 +50,10 @@ def test_help_reads_in_both_languages():
     result = subprocess.run([sys.executable, "-m", "viscpm.cli", "chat", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "Chat about an image" in result.stdout and "图片" in result.stdout
+
+
+def test_train_stage_names_match_the_recipes():
+    from viscpm.cli import TRAIN_STAGES
+    from viscpm.train.recipes import STAGES
+
+    assert set(TRAIN_STAGES) == set(STAGES)

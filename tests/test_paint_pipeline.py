@@ -284,13 +284,13 @@ def test_progress_bar_can_be_shown(painter, capsys):
 # -- safety and ranking ----------------------------------------------------------------------
 
 
-def test_official_defaults_ask_for_checkers_before_loading_anything(tmp_path):
+def test_asking_for_checkers_that_are_not_bundled_fails_before_loading_anything(tmp_path):
     with pytest.raises(ValueError, match="no image safety checker is bundled yet; pass image_safety_checker=False"):
-        VisCPMPaint(tmp_path / "does-not-matter.pt")
+        VisCPMPaint(tmp_path / "does-not-matter.pt", image_safety_checker=True)
     with pytest.raises(ValueError, match="prompt_safety_checker=False"):
-        VisCPMPaint(tmp_path / "x.pt", image_safety_checker=False)
+        VisCPMPaint(tmp_path / "x.pt", image_safety_checker=False, prompt_safety_checker=True)
     with pytest.raises(ValueError, match="add_ranker=False"):
-        VisCPMPaint(tmp_path / "x.pt", image_safety_checker=False, prompt_safety_checker=False)
+        VisCPMPaint(tmp_path / "x.pt", False, False, True)
     with pytest.raises(TypeError, match="add_ranker must be a bool or a callable"):
         VisCPMPaint(tmp_path / "x.pt", image_safety_checker=False, prompt_safety_checker=False, add_ranker="clip")
 

@@ -115,14 +115,18 @@ Runs on one CPU as is; for several processes or GPUs, or FSDP/DeepSpeed, start i
 `accelerate launch [--config_file FILE] -m viscpm.cli train STAGE --config FILE`."""
 
 
-def _add_train_parser(commands) -> None:
-    from .train.recipes import STAGES
+# the stage names, kept here so `viscpm --help` does not import the training stack (and diffusers)
+TRAIN_STAGES = ("lm", "chat-align", "chat-sft", "vae", "paint-bridge", "paint-xattn")
 
+
+def _add_train_parser(commands) -> None:
     parser = commands.add_parser("train", help="train a stage / 训练", description=TRAIN_HELP,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=sorted(STAGES), help="which stage to run")
+    parser.add_argument("stage", choices=TRAIN_STAGES, help="which stage to run")
     parser.add_argument("--config", required=True, help="the stage's TOML config")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     parser.set_defaults(run=run_train)
 
 
@@ -132,7 +136,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .train.recipes import build_recipe
 
     logging.getLogger("viscpm").setLevel(logging.INFO)
-    config = TrainConfig.from_file(args.config)
+    config = TrainConfig.from_file(args.config, args.set)
     train(build_recipe(args.stage, config), config, resume=args.resume)
     return 0
 
@@ -205,6 +209,61 @@ def run_paint(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     return 0
 
 
+def _add_data_parser(commands) -> None:
+    from .shapes.corpus import add_shapes_parser
+
+    parser = commands.add_parser("data", help="write training data / 生成训练数据")
+    kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+    add_shapes_parser(kinds)
+
+
+def _add_eval_parser(commands) -> None:
+    parser = commands.add_parser("eval", help="evaluate models / 评测")
+    kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+    shapes = kinds.add_parser("shapes", help="QA, caption and paint scores on ShapesWorld's held-out sets",
+                              description="Score chat and paint models on ShapesWorld's held-out sets: QA accuracy "
+                              "(EN/ZH), answer-language match, caption accuracy, paint adherence (EN/ZH).")
+    shapes.add_argument("--chat", help="chat model (default: the packaged one)")
+    shapes.add_argument("--paint", help="paint model (default: the packaged one)")
+    shapes.add_argument("--skip-chat", action="store_true")
+    shapes.add_argument("--skip-paint", action="store_true")
+    shapes.add_argument("--data", help="a ShapesWorld folder from `viscpm data shapes` (default: build one, seed 0)")
+    shapes.add_argument("--limit", type=int, default=None, help="use only the first N items of each set")
+    shapes.add_argument("--out", help="write the metrics as JSON here")
+    shapes.set_defaults(run=run_eval_shapes)
+
+
+def run_eval_shapes(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from .shapes.corpus import build_corpora
+    from .shapes.evaluate import evaluate_captions, evaluate_paint, evaluate_qa
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(args.data) if args.data else build_corpora(Path(scratch) / "shapes", seed=0).root
+        eval_dir = root / "eval"
+        metrics: dict = {"data": str(root) if args.data else "built with seed 0"}
+        if not args.skip_chat:
+            from .pipelines.chat import VisCPMChat
+
+            chat = VisCPMChat(args.chat)
+            metrics.update(evaluate_qa(chat, eval_dir, args.limit))
+            metrics.update(evaluate_captions(chat, eval_dir, args.limit))
+        if not args.skip_paint:
+            from .pipelines.paint import VisCPMPaint
+
+            painter = VisCPMPaint(args.paint, image_safety_checker=False, prompt_safety_checker=False,
+                                  add_ranker=False, progress_bar=False)
+            metrics.update(evaluate_paint(painter, eval_dir, args.limit))
+    text = json.dumps(metrics, indent=2, ensure_ascii=False)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="viscpm", description="Bilingual multimodal VisCPM models: chat about images, paint from text.")
@@ -216,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS: list[Callable] = [_add_chat_parser, _add_train_parser, _add_plot_parser, _add_paint_parser]
+SUBCOMMANDS: list[Callable] = [
+    _add_chat_parser, _add_paint_parser, _add_train_parser, _add_plot_parser, _add_data_parser, _add_eval_parser,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

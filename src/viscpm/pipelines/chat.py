@@ -104,8 +104,8 @@ class VisCPMChat:
         image_safety_checker: bool | Callable[[Image.Image], bool] = False,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ):
-        if model_path is None:
-            model_path = default_model_path("chat")
+        if model_path is None:  # the packaged model is stored in fp16 to stay small; run it in fp32
+            model_path, dtype = default_model_path("chat"), dtype or torch.float32
         model, config, weights = load_weights(
             model_path, config_path, config_from_dict=ChatConfig.from_dict, presets=CHAT_PRESETS,
             build=ChatModel, rules=CHAT_KEY_RULES, unused=CHAT_UNUSED_OFFICIAL_KEYS,

@@ -132,7 +132,10 @@ class PaintedImage:
 def _pluggable(value, name: str, signature: str):
     if value is True:
         raise ValueError(f"no {name.replace('_', ' ')} is bundled yet; pass {name}=False or a callable {signature}")
-    if value is False or value is None:
+    if value is None:
+        logger.info("%s: none bundled yet, so it is off", name)
+        return None
+    if value is False:
         return None
     if not callable(value):
         raise TypeError(f"{name} must be a bool or a callable {signature}, got {type(value).__name__}")
@@ -141,15 +144,18 @@ def _pluggable(value, name: str, signature: str):
 
 class VisCPMPaint:
     """Text to image. ``model_path``: an official ``.pt``, our saved folder, or None for the model
-    shipped with the package. The checkers and ranker are pluggable callables; ``True`` (the
-    official defaults) raises until bundled ones exist."""
+    shipped with the package (loaded in fp32 unless ``dtype`` says otherwise).
+
+    The checkers and ranker are pluggable callables. ``None`` (the default) means "the bundled
+    one when there is one": none is bundled yet, so they are off (logged). ``True`` asks for the
+    bundled one explicitly and raises until it exists."""
 
     def __init__(
         self,
         model_path: str | os.PathLike | None = None,
-        image_safety_checker: bool | ImageChecker = True,
-        prompt_safety_checker: bool | PromptChecker = True,
-        add_ranker: bool | Ranker = True,
+        image_safety_checker: bool | ImageChecker | None = None,
+        prompt_safety_checker: bool | PromptChecker | None = None,
+        add_ranker: bool | Ranker | None = None,
         vocab_path: str | os.PathLike | None = None,
         vae_path: str | os.PathLike | None = None,
         *,
@@ -163,7 +169,7 @@ class VisCPMPaint:
         self.prompt_safety_checker = _pluggable(prompt_safety_checker, "prompt_safety_checker", "(str) -> bool")
         self.ranker = _pluggable(add_ranker, "add_ranker", "(prompt, images) -> scores")
         if model_path is None:
-            model_path = default_model_path("paint")
+            model_path, dtype = default_model_path("paint"), dtype or torch.float32
         model, config, weights = load_weights(
             model_path, config_path, config_from_dict=PaintConfig.from_dict, presets=PAINT_PRESETS,
             build=PaintModel, rules=PAINT_KEY_RULES,

@@ -18,6 +18,7 @@ import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    train: Path
+    train: tuple[Path, ...]  # one data file/shard folder, or a list of them (read one after another)
     image_root: Path | None = None  # default: the folder of the data file
     max_tokens: int = 512  # longer samples are skipped and counted
     max_skipped_fraction: float = 0.05  # stop with an error once more records than this are bad
@@ -77,7 +78,9 @@ class TrainConfig:
     source: Path | None = field(default=None, compare=False)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "TrainConfig":
+    def from_file(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> "TrainConfig":
+        """Read ``path``; ``overrides`` are ``section.key=value`` strings (value in TOML syntax,
+        or a bare string), e.g. ``train.max_steps=10`` or ``model.init=runs/x/final``."""
         path = Path(path)
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -85,6 +88,16 @@ class TrainConfig:
             raise ValueError(f"training config not found: {path}") from None
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"training config {path} is not valid TOML: {error}") from None
+        for override in overrides:
+            name, sep, text = override.partition("=")
+            section, dot, key = name.strip().partition(".")
+            if not sep or not dot:
+                raise ValueError(f"override {override!r} must look like section.key=value")
+            try:
+                value = tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError:
+                value = text  # a bare string such as a path
+            raw.setdefault(section, {})[key] = value
         return cls.from_dict(raw, base=path.parent, source=path)
 
     @classmethod
@@ -126,10 +139,13 @@ def _section(cls, raw: dict[str, Any], base: Path):
         raise ValueError(f"unknown keys {sorted(unknown)} in [{cls.__name__.removesuffix('Section').lower()}]; "
                          f"known: {sorted(names)}")
     values = {}
+    resolve = lambda v: Path(v) if Path(v).is_absolute() else base / v
     for key, value in raw.items():
         kind = str(names[key].type)
-        if "Path" in kind and value is not None:
-            value = Path(value) if Path(value).is_absolute() else (base / value)
+        if "tuple[Path" in kind:
+            value = tuple(resolve(v) for v in ([value] if isinstance(value, (str, Path)) else value))
+        elif "Path" in kind and value is not None:
+            value = resolve(value)
         elif "tuple" in kind:
             value = tuple(value)
         values[key] = value

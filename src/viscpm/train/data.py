@@ -77,7 +77,16 @@ class Record:
 
 
 class RecordSource:
-    """All records of a data file (or shard folder), addressable by index."""
+    """All records of one or more data files (or shard folders), addressable by index."""
+
+    @classmethod
+    def concat(cls, paths: Sequence[Path], image_root: Path | None = None) -> "RecordSource":
+        sources = [cls(path, image_root) for path in paths]
+        joined = sources[0]
+        for other in sources[1:]:
+            joined.records = joined.records + other.records
+            joined.malformed += other.malformed
+        return joined
 
     def __init__(self, path: Path, image_root: Path | None = None):
         self.path = Path(path)

@@ -197,7 +197,7 @@ def chat_loss(model: nn.Module, batch: PromptBatch) -> torch.Tensor:
 
 
 def _source(config: TrainConfig) -> RecordSource:
-    return RecordSource(config.data.train, config.data.image_root)
+    return RecordSource.concat(config.data.train, config.data.image_root)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,37 @@
+"""Copy trained ShapesWorld models into the package as its defaults, weights stored in fp16.
+
+    python scripts/package_default.py runs/shapes/chat-sft/final runs/shapes/paint/final
+
+fp16 halves the wheel (the loaders cast the packaged models back to fp32 for CPU inference); the
+shipped-model test scores these exact files.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "viscpm" / "assets"
+
+
+def half_copy(source: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    for weights in target.rglob("*.safetensors"):
+        state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}
+        save_file(state, weights)
+
+
+def main(chat: str, paint: str) -> None:
+    half_copy(Path(chat), ASSETS / "chat")
+    half_copy(Path(paint), ASSETS / "paint")
+    total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
+    print(f"packaged into {ASSETS}: {total / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Train the ShapesWorld model family and the English-pivot experiment with the public commands.
+#
+#   scripts/shapes_family.sh            # everything: data, family (rows a, b), ablation (row c), eval
+#
+# Independent stages run side by side, one core each (OMP_NUM_THREADS=1). Outputs: data/shapes,
+# runs/shapes/*, runs/shapes/eval-*.json. The shipped default is row b (chat) + paint; package it with
+#   python scripts/package_default.py runs/shapes/chat-sft/final runs/shapes/paint/final
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
+C=configs/shapes
+EN_ONLY='data.train=["../../data/shapes/multimodal/instruct_en.jsonl"]'
+
+viscpm data shapes --out data/shapes --seed 0
+
+# 1. the bilingual LLM (text only) and the image autoencoder
+viscpm train lm --config $C/lm.toml &
+viscpm train vae --config $C/vae.toml &
+wait
+
+# 2. paint (English captions, frozen bilingual LLM) beside the chat stages
+viscpm train paint-xattn --config $C/paint.toml &
+PAINT=$!
+viscpm train chat-align --config $C/chat-align.toml
+# row b (the default): English dialogues + the small translated-Chinese set
+viscpm train chat-sft --config $C/chat-sft.toml
+# row a: English dialogues only
+viscpm train chat-sft --config $C/chat-sft.toml --set "$EN_ONLY" --set train.output_dir=../../runs/shapes/chat-sft-en
+wait $PAINT
+
+# row c (ablation): an English-only LLM, then the same multimodal data as row a
+viscpm train lm --config $C/lm.toml --set data.train=../../data/shapes/text/corpus_en.jsonl --set train.output_dir=../../runs/shapes/lm-en
+viscpm train chat-align --config $C/chat-align.toml --set model.llm_init=../../runs/shapes/lm-en/final \
+    --set train.output_dir=../../runs/shapes/chat-align-lm-en
+viscpm train chat-sft --config $C/chat-sft.toml --set "$EN_ONLY" --set model.init=../../runs/shapes/chat-align-lm-en/final \
+    --set train.output_dir=../../runs/shapes/chat-sft-lm-en
+
+# 3. scores on the held-out sets
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft/final --paint runs/shapes/paint/final --out runs/shapes/eval-b.json
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-en/final --skip-paint --out runs/shapes/eval-a.json
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-lm-en/final --skip-paint --out runs/shapes/eval-c.json
