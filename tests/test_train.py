@@ -230,3 +230,10 @@ def test_paint_stages_freeze_what_they_should_and_load_in_the_pipeline(tmp_path,
                              lora={"r": 2, "alpha": 4, "target_modules": ["attn2.to_q", "attn2.to_k", "attn2.to_v"]})
     VisCPMPaint(tmp_path / "xattn-lora" / "final", image_safety_checker=False, prompt_safety_checker=False,
                 add_ranker=False)  # adapters merged: loads as a plain model
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    config = TrainConfig.from_file(path)
+    assert config.train.max_steps > 0
