@@ -206,6 +206,8 @@ def test_paint_stages_freeze_what_they_should_and_load_in_the_pipeline(tmp_path,
     model = {"config": paint_config, "vae": vae_folder, "llm_init": tmp_path / "lm" / "final"}
     bridge_recipe = build_recipe("paint-bridge", TrainConfig.from_dict(
         {"model": model, "data": {"train": world["captions"]}, "train": {"output_dir": tmp_path / "x", "max_steps": 1}}))
+    batch = bridge_recipe.collate([bridge_recipe.examples[i] for i in range(3)])
+    assert bridge_recipe.count(batch) == 3  # the loss is averaged over images
     unet_before = {k: v.clone() for k, v in bridge_recipe.model.unet.state_dict().items()}
     llm_before = {k: v.clone() for k, v in bridge_recipe.model.llm.state_dict().items()}
     recipe, _, losses = run_stage(tmp_path, "paint-bridge", model, {"train": world["captions"], "caption_dropout": 0.0},

@@ -268,6 +268,6 @@ def _plain(value: Any) -> Any:
         return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, tuple):
-        return list(value)
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
     return value

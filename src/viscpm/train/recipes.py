@@ -426,7 +426,7 @@ def _paint_recipe(name: str, config: TrainConfig, unet_trainable: bool | str) ->
         autoencoder.save_pretrained(folder / VAE_FOLDER)
 
     return Recipe(name, model, PaintExamples(items, tokenizer, size, config.data.max_tokens), collate,
-                  len, loss, save, malformed=malformed)
+                  lambda batch: len(batch[1]), loss, save, malformed=malformed)
 
 
 def _training_noise_schedule(scheduler_config: dict):
