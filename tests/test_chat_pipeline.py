@@ -180,3 +180,47 @@ def test_default_model_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(defaults.resources, "files", lambda _: defaults.Path("/nonexistent"))
     with pytest.raises(FileNotFoundError, match="no default chat model"):
         VisCPMChat()
+
+
+# -- image safety ------------------------------------------------------------------------------
+
+
+def test_flagged_images_are_refused_with_the_reason(reference, checkpoint_dir, image):
+    from viscpm.pipelines.chat import RefusedImage
+    from viscpm.safety import Refused, SafetyResult
+
+    seen = []
+
+    def checker(picture):
+        seen.append(picture.size)
+        return SafetyResult(picture.size[0] > 100, "too wide", "mine")
+
+    chat = VisCPMChat(checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt",
+                      config_path=reference / "chat" / "tiny_viscpm_chat_config.json", image_safety_checker=checker)
+    with pytest.raises(RefusedImage) as refused:
+        chat.chat(image, "What is in the image?", max_new_tokens=2)
+    assert isinstance(refused.value, Refused) and isinstance(refused.value, ValueError)
+    assert refused.value.reason == "too wide" and refused.value.checker == "mine"
+    assert str(refused.value) == "the input image was refused: too wide; no answer is given"
+    with pytest.raises(RefusedImage):
+        chat.batch_chat([image], ["?"], max_new_tokens=1)
+    with pytest.raises(RefusedImage):
+        list(chat.stream_chat(image, "?", max_new_tokens=1))
+    small = image.resize((64, 64))
+    assert chat.chat(small, "What is in the image?", max_new_tokens=2)[0] is not None
+    # per call: off for this call, or another checker; text-only turns are never checked
+    assert chat.chat(image, "What is in the image?", max_new_tokens=2, image_safety_checker=False)[0] is not None
+    with pytest.raises(RefusedImage, match="flagged by the image safety checker"):
+        chat.chat(small, "?", max_new_tokens=1, image_safety_checker=lambda picture: True)
+    count = len(seen)
+    chat.chat(None, "Hi", max_new_tokens=1)
+    assert len(seen) == count
+    with pytest.raises(ValueError, match="per call, pass true or false"):
+        chat.chat(small, "?", max_new_tokens=1, image_safety_checker="some/folder")
+
+
+def test_default_image_checker_is_nudenet_when_installed(chat):
+    from viscpm.safety import NudeNetImageChecker, nudenet_available
+
+    # the module's `chat` fixture is built with the default (None)
+    assert isinstance(chat.image_safety_checker, NudeNetImageChecker if nudenet_available() else type(None))

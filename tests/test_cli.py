@@ -57,3 +57,15 @@ def test_train_stage_names_match_the_recipes():
     from viscpm.train.recipes import STAGES
 
     assert set(TRAIN_STAGES) == set(STAGES)
+
+
+def test_a_refused_image_exits_3_with_the_reason(reference, model_args, tmp_path, capsys):
+    from .test_safety_classifiers import sd_checker_folder
+
+    checker = sd_checker_folder(tmp_path, threshold=-1.0)  # the official kind, flagging everything
+    image = str(reference / "data" / "figures" / "vlu_case1.png")
+    assert main(["chat", *model_args, "--image", image, "--image-checker", str(checker), "What is it?"]) == 3
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("viscpm chat: the input image was refused: the Stable Diffusion safety "
+                                            "checker detected an NSFW concept; no answer is given")
+    assert "black image will be returned" not in err  # diffusers' own note does not apply here

@@ -52,7 +52,56 @@ def test_scheduler_choices_are_the_pipeline_schedulers():
     assert sorted(action.choices) == sorted(SCHEDULERS)
 
 
-def test_help_says_the_checks_are_off():
+def test_help_documents_the_safety_defaults():
     result = subprocess.run([sys.executable, "-m", "viscpm.cli", "paint", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    assert "WITHOUT them" in result.stdout and "安全检查" in result.stdout
+    for text in ("--prompt-checker", "--word-list", "--image-checker", "--ranker", "--candidates",
+                 "viscpm[safety]", "exit status 3", "词表检查"):
+        assert text in result.stdout
+
+
+def test_a_refused_prompt_exits_3_with_the_reason(reference, checkpoint_dir, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "x.png"
+    assert main(paint_args(reference, checkpoint_dir, "a n.u.d.e cat", "-o", str(out))) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("viscpm paint: the prompt 'a n.u.d.e cat' was refused: ")
+    assert "blocked term 'nude' (written 'n.u.d.e')" in err and "nothing was painted" in err
+    assert not out.exists()
+    assert main(paint_args(reference, checkpoint_dir, "a n.u.d.e cat", "-o", str(out), "--prompt-checker", "off",
+                           "--image-checker", "off")) == 0
+
+
+def test_word_list_adds_terms(reference, checkpoint_dir, tmp_path, capsys):  # noqa: F811
+    words = tmp_path / "words.txt"
+    words.write_text("zombie\n", encoding="utf-8")
+    args = paint_args(reference, checkpoint_dir, "a Z0MBIE", "-o", str(tmp_path / "x.png"), "--word-list", str(words))
+    assert main(args) == 3 and "'zombie' (written 'Z0MBIE')" in capsys.readouterr().err
+    assert main([*args, "--prompt-checker", "off"]) == 2  # a word list needs the word list checker
+    assert "--word-list adds terms" in capsys.readouterr().err
+
+
+def test_flagged_images_are_written_black_and_reported(reference, checkpoint_dir, tmp_path):  # noqa: F811
+    from .test_safety_classifiers import sd_checker_folder
+
+    checker = sd_checker_folder(tmp_path, threshold=-1.0)  # the official kind, flagging everything
+    out = tmp_path / "cat.png"
+    args = build_parser().parse_args(paint_args(reference, checkpoint_dir, "a cat", "-o", str(out), "--seed", "1",
+                                                "--image-checker", str(checker)))
+    stdout = io.StringIO()
+    assert run_paint(args, stdout=stdout) == 0
+    assert stdout.getvalue().strip() == (f"{out} (seed 1; FLAGGED and written black: the Stable Diffusion safety "
+                                         "checker detected an NSFW concept)")
+    with Image.open(out) as image:
+        assert max(image.getextrema()[0]) == 0 and json.loads(image.text["viscpm"])["flagged"] is True
+
+
+def test_ranker_folder_picks_the_best_of_k(reference, checkpoint_dir, tmp_path, capsys):  # noqa: F811
+    from .test_rerank import write_chinese_clip
+
+    folder = write_chinese_clip(tmp_path / "chinese-clip")
+    out = tmp_path / "cat.png"
+    assert main(paint_args(reference, checkpoint_dir, "a red cat", "-o", str(out), "--seed", "5",
+                           "--ranker", str(folder), "--candidates", "3")) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{out} (seed ") and line.endswith("; best of 3 by chinese-clip)")
+    assert int(line.split("seed ")[1].split(";")[0]) in (5, 6, 7)

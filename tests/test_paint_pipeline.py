@@ -18,6 +18,7 @@ from viscpm.checkpoints import CheckpointError
 from viscpm.pipelines.paint import (
     MAX_PROMPT_TOKENS, RANKER_CANDIDATES, SCHEDULERS, PaintedImage, RefusedPrompt, VisCPMPaint, build_scheduler,
 )
+from viscpm.safety import SafetyResult
 
 from .test_paint_model import PROMPTS, official_tiny_state
 
@@ -284,15 +285,60 @@ def test_progress_bar_can_be_shown(painter, capsys):
 # -- safety and ranking ----------------------------------------------------------------------
 
 
-def test_asking_for_checkers_that_are_not_bundled_fails_before_loading_anything(tmp_path):
-    with pytest.raises(ValueError, match="no image safety checker is bundled yet; pass image_safety_checker=False"):
-        VisCPMPaint(tmp_path / "does-not-matter.pt", image_safety_checker=True)
-    with pytest.raises(ValueError, match="prompt_safety_checker=False"):
-        VisCPMPaint(tmp_path / "x.pt", image_safety_checker=False, prompt_safety_checker=True)
-    with pytest.raises(ValueError, match="add_ranker=False"):
-        VisCPMPaint(tmp_path / "x.pt", False, False, True)
-    with pytest.raises(TypeError, match="add_ranker must be a bool or a callable"):
-        VisCPMPaint(tmp_path / "x.pt", image_safety_checker=False, prompt_safety_checker=False, add_ranker="clip")
+def test_wrong_switches_fail_before_loading_anything(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="self-reranking needs a chat model"):
+        VisCPMPaint(tmp_path / "x.pt", add_ranker=True)  # an official checkpoint comes with no chat model
+    with pytest.raises(TypeError, match="add_ranker must be None, a bool"):
+        VisCPMPaint(tmp_path / "x.pt", image_safety_checker=False, prompt_safety_checker=False, add_ranker=4)
+    with pytest.raises(TypeError, match="prompt_safety_checker must be"):
+        VisCPMPaint(tmp_path / "x.pt", prompt_safety_checker=1.5)
+    monkeypatch.setattr("viscpm.safety.nudenet_available", lambda: False)
+    with pytest.raises(ValueError, match=r"pip install 'viscpm\[safety\]'"):
+        VisCPMPaint(tmp_path / "x.pt", image_safety_checker=True)
+
+
+def test_default_switches(reference, checkpoint_dir):
+    """None: the lexicon prompt checker; NudeNet when installed; no ranker (no chat model comes
+    with an official checkpoint)."""
+    from viscpm.safety import LexiconChecker, NudeNetImageChecker, nudenet_available
+
+    painter = VisCPMPaint(checkpoint_dir / CHECKPOINT, config_path=reference / "paint" / "tiny_viscpm_paint_config.json",
+                          progress_bar=False)
+    assert isinstance(painter.prompt_safety_checker, LexiconChecker)
+    assert isinstance(painter.image_safety_checker, NudeNetImageChecker if nudenet_available() else type(None))
+    assert painter.ranker is None
+    with pytest.raises(RefusedPrompt) as refused:
+        painter.paint("a ｎｕｄｅ cat", num_inference_steps=1)
+    assert isinstance(refused.value, ValueError) and refused.value.checker == "lexicon"
+    assert refused.value.reason == "the prompt contains the blocked term 'nude' (written 'ｎｕｄｅ')"
+    assert str(refused.value) == ("the prompt 'a ｎｕｄｅ cat' was refused: the prompt contains the blocked term 'nude' "
+                                  "(written 'ｎｕｄｅ'); nothing was painted")
+    result = painter.paint("a red cat", num_inference_steps=1, seed=0)[0]
+    assert not result.flagged and result.flag_reason is None
+
+
+def test_switches_per_call(painter):
+    """The painter was built with everything off; one call can turn each on or plug in its own."""
+    with pytest.raises(RefusedPrompt, match="blocked term 'porn'"):
+        painter.paint("p o r n", num_inference_steps=1, prompt_safety_checker=True)
+    with pytest.raises(RefusedPrompt, match="flagged by the prompt safety checker"):
+        painter.paint("a cat", num_inference_steps=1, prompt_safety_checker=lambda text: True)
+    assert painter.paint("p o r n", num_inference_steps=1, seed=0)  # the next call is as built: off
+    flag = lambda image: SafetyResult(True, "too red", "mine")  # noqa: E731
+    result = painter.paint("a cat", num_inference_steps=1, seed=0, image_safety_checker=flag)[0]
+    assert result.flagged and result.flag_reason == "too red" and pixels(result.image).max() == 0
+    seen = []
+    ranker = lambda prompt, images: seen.append(len(images)) or list(range(len(images)))  # noqa: E731
+    results = painter.paint("a cat", num_images_per_prompt=2, num_inference_steps=1, seed=0, add_ranker=ranker,
+                            num_candidates=3)
+    assert seen == [6] and [r.seed for r in results] == [2, 5]  # the best of seeds 0-2 and of 3-5
+    assert results[0].metadata["ranker"]["candidate_seeds"] == [0, 1, 2]
+    with pytest.raises(ValueError, match="self-reranking needs a chat model"):
+        painter.paint("a cat", num_inference_steps=1, add_ranker=True)
+    with pytest.raises(ValueError, match="per call, pass true or false"):
+        painter.paint("a cat", num_inference_steps=1, add_ranker="some/folder")
+    with pytest.raises(ValueError, match="num_candidates must be a positive integer"):
+        painter.paint("a cat", num_inference_steps=1, add_ranker=ranker, num_candidates=0)
 
 
 def test_pluggable_checkers_and_ranker(reference, checkpoint_dir, caplog):
@@ -310,7 +356,8 @@ def test_pluggable_checkers_and_ranker(reference, checkpoint_dir, caplog):
         results = painter.paint("a cat", num_inference_steps=1, seed=0)
     assert seen["ranked"] == ("a cat", RANKER_CANDIDATES)
     assert len(results) == 1 and results[0].flagged and results[0].score == 0.9
-    assert pixels(results[0].image).max() == 0 and "flagged 4 of 4" in caplog.text
+    assert pixels(results[0].image).max() == 0 and "flagged 4 of 4 images (flagged by the image" in caplog.text
+    assert results[0].flag_reason == "flagged by the image safety checker"
     assert painter.generate("a cat", image_size=SIZE, num_inference_steps=1).size == (SIZE, SIZE)
 
 
@@ -379,14 +426,10 @@ def test_missing_parts_give_clear_errors(reference, checkpoint_dir, tmp_path):
         open_tiny(reference, tmp_path / "nowhere")
 
 
-def test_no_model_path_uses_the_packaged_default():
-    from viscpm.pipelines.defaults import default_model_path
+def test_missing_packaged_default_is_a_clear_error(monkeypatch):
+    """(The packaged default itself is scored in tests/test_default_model.py.)"""
+    from viscpm.pipelines import defaults
 
-    try:
-        default_model_path("paint")
-    except FileNotFoundError as error:
-        with pytest.raises(FileNotFoundError, match="pass model_path="):
-            VisCPMPaint(None, False, False, False)
-        assert "paint" in str(error)
-    else:
-        pytest.skip("a default paint model is packaged; it is tested with the package assets")
+    monkeypatch.setattr(defaults.resources, "files", lambda _: defaults.Path("/nonexistent"))
+    with pytest.raises(FileNotFoundError, match="pass model_path="):
+        VisCPMPaint(None, False, False, False)

@@ -3,24 +3,38 @@
     viscpm chat --image cat.png "What is in the image?"     # one question
     viscpm chat --image cat.png                              # interactive, streamed
     viscpm paint "海上生明月，唯美风格" -o moon.png            # text to image
+    viscpm serve                                             # API + web page on http://127.0.0.1:8000
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from . import __version__
 
+REFUSED_STATUS = 3  # exit status when a safety checker refused the prompt or image
+
 CHAT_HELP = """Chat about an image, in Chinese or English.
 
 With a question: print one answer. Without: an interactive conversation where answers stream as
 they are written. Commands there: `:image PATH` switch to another image (the conversation is
-kept), `clear` start over, `stop` or Ctrl-D quit.
+kept; `:image` alone drops the image), `clear` start over, `stop` or Ctrl-D quit; Ctrl-C stops
+the answer being written.
 
-对图片提问（中文或英文）。不带问题时进入多轮对话：`:image 路径` 换图，`clear` 清空，`stop` 退出。"""
+对图片提问（中文或英文）。不带问题时进入多轮对话，回答逐字输出：`:image 路径` 换图（保留对话），
+`clear` 清空，`stop` 或 Ctrl-D 退出，Ctrl-C 中断当前回答。
+
+examples / 示例:
+  viscpm chat --image cat.png "What is in the image?"
+  viscpm chat --image cat.png "图片里有什么？" --sample --temperature 0.8 --seed 1
+  viscpm chat --image cat.png                      # interactive / 多轮对话"""
+
+QUIT_COMMANDS = {"stop", "退出"}
+CLEAR_COMMANDS = {"clear", "清空"}
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +61,15 @@ def _add_chat_parser(commands) -> None:
     decoding.add_argument("--max-new-tokens", type=int, default=256)
     decoding.add_argument("--repetition-penalty", type=float, default=1.1)
     decoding.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    safety = parser.add_argument_group("safety")
+    _add_image_checker_option(safety)
     parser.set_defaults(run=run_chat)
+
+
+def _add_image_checker_option(group) -> None:
+    group.add_argument("--image-checker", default="default", metavar="{default,nudenet,off,FOLDER}",
+                       help="image safety checker: NudeNet when installed with `pip install 'viscpm[safety]'` "
+                            "(default; else none), off, or a folder with the official Stable Diffusion safety checker")
 
 
 def _generation_options(args: argparse.Namespace) -> dict:
@@ -63,7 +85,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     from .pipelines.chat import VisCPMChat, append_turn
 
-    chat = VisCPMChat(args.model, args.config, args.vocab, device=args.device)
+    chat = VisCPMChat(args.model, args.config, args.vocab, device=args.device, image_safety_checker=args.image_checker)
     options = _generation_options(args)
     if args.question is not None:
         answer, _, _ = chat.chat(args.image, args.question, **options)
@@ -71,17 +93,21 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
         return 0
 
     image, context, states = args.image, "", None
-    print("viscpm chat — `:image PATH` 换图 / switch image, `clear` 清空 / reset, `stop` 退出 / quit", file=stdout)
+    print("viscpm chat — `:image PATH` 换图 / switch image, `clear` 清空 / reset, `stop` 退出 / quit, "
+          "Ctrl-C 中断回答 / interrupt an answer", file=stdout)
     while True:
         print("User: ", end="", file=stdout, flush=True)
-        line = stdin.readline()
-        if not line or line.strip() == "stop":
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt quits, like Ctrl-D
+            line = ""
+        if not line or line.strip() in QUIT_COMMANDS:
             print(file=stdout)
             return 0
         question = line.strip()
         if not question:
             continue
-        if question == "clear":
+        if question in CLEAR_COMMANDS:
             context, states = "", None
             print("(conversation cleared / 已清空)", file=stdout)
             continue
@@ -89,19 +115,22 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
             path = question[len(":image"):].strip() or None
             try:  # encode now, so a bad file is reported at once and the old image stays
                 image, states = path, chat.encode_image(path) if path else None
-                print(f"(image: {image or 'none'})", file=stdout)
+                print(f"(image / 图片: {image or 'none / 无'})", file=stdout)
             except ValueError as error:
                 print(f"error: {error}", file=stdout)
             continue
+        pieces: list[str] = []
         try:
             if states is None and image is not None:
                 states = chat.encode_image(image)
             print("AI: ", end="", file=stdout, flush=True)
-            pieces = []
             for piece in chat.stream_chat(image, question, context, states, **options):
                 pieces.append(piece)
                 print(piece, end="", file=stdout, flush=True)
             print(file=stdout)
+            context = append_turn(context, question, "".join(pieces))
+        except KeyboardInterrupt:  # keep what was written, so the conversation reads as the user saw it
+            print(" (interrupted / 已中断)", file=stdout)
             context = append_turn(context, question, "".join(pieces))
         except ValueError as error:  # bad image or prompt: say so and keep the conversation
             print(f"\nerror: {error}", file=stdout)
@@ -157,11 +186,20 @@ def run_plot(args: argparse.Namespace) -> int:
 
 PAINT_HELP = """Paint an image from a Chinese or English prompt.
 
-The official release screens prompts and images with safety classifiers and picks the best of 4
-images with a Chinese-CLIP ranker. Those are not bundled yet, so this command runs WITHOUT them
-(the Python API, VisCPMPaint, accepts your own checker and ranker callables).
+Safety and ranking, all offline (switch each off with `off`, or point it at the official model's folder):
+  prompt  a bilingual word list (default; add terms with --word-list), or the official BERT classifier;
+          a flagged prompt is refused (exit status 3) and nothing is painted
+  images  NudeNet when installed (`pip install 'viscpm[safety]'`), or the official Stable Diffusion
+          safety checker; flagged images are written black and reported
+  ranker  with the packaged model: each image is the best of 4, scored by the packaged chat model
+          (self-reranking); or the official Chinese-CLIP (a folder); or a chat model (a folder or .pt)
 
-根据中文或英文描述生成图片。注意：安全检查与排序模型尚未内置，此命令不做安全检查。"""
+根据中文或英文描述生成图片。默认：词表检查提示词（被拒绝时退出码为 3），安装 viscpm[safety] 后用 NudeNet
+检查图片（不安全的图片输出为黑图），使用内置模型时由内置对话模型从 4 张候选中选出最佳。
+
+examples / 示例:
+  viscpm paint "海上生明月，唯美风格" -o moon.png --seed 42
+  viscpm paint "a cat on a sofa" -o cat.png --scheduler dpm++ --steps 25 --num-images 4"""
 
 
 def _add_paint_parser(commands) -> None:
@@ -186,6 +224,19 @@ def _add_paint_parser(commands) -> None:
     # the names of pipelines.paint.SCHEDULERS, spelled out so that `viscpm --help` need not import diffusers
     sampling.add_argument("--scheduler", default="ddpm", choices=["ddpm", "ddim", "euler", "dpm++"],
                           help="sampler (default ddpm, the official one)")
+    safety = parser.add_argument_group("safety and ranking")
+    safety.add_argument("--prompt-checker", default="default", metavar="{default,lexicon,off,FOLDER}",
+                        help="prompt safety checker: the offline word list (default, = lexicon), off, or a folder "
+                             "with the official BERT classifier")
+    safety.add_argument("--word-list", action="append", default=[], metavar="FILE",
+                        help="more blocked terms for the word list checker, one per line; `!phrase` allows a phrase "
+                             "(repeatable)")
+    _add_image_checker_option(safety)
+    safety.add_argument("--ranker", default="default", metavar="{default,self,off,FOLDER}",
+                        help="rerank candidates: self-reranking with the packaged chat model when painting with the "
+                             "packaged model (default; else off), off, a Chinese-CLIP folder, or a chat model to "
+                             "self-rerank with")
+    safety.add_argument("--candidates", type=int, default=4, help="candidates per image when ranking (default 4)")
     parser.set_defaults(run=run_paint)
 
 
@@ -193,19 +244,31 @@ def run_paint(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     from pathlib import Path
 
     from .pipelines.paint import VisCPMPaint
+    from .safety import load_prompt_checker
 
     stdout = stdout or sys.stdout
-    painter = VisCPMPaint(args.model, image_safety_checker=False, prompt_safety_checker=False, add_ranker=False,
-                          vocab_path=args.vocab, vae_path=args.vae, config_path=args.config, device=args.device)
+    if args.word_list and args.prompt_checker.lower() not in ("default", "lexicon"):
+        raise ValueError("--word-list adds terms to the word list checker; it cannot go with "
+                         f"--prompt-checker {args.prompt_checker}")
+    prompt_checker = load_prompt_checker(args.prompt_checker, args.word_list) or False
+    painter = VisCPMPaint(args.model, image_safety_checker=args.image_checker, prompt_safety_checker=prompt_checker,
+                          add_ranker=args.ranker, vocab_path=args.vocab, vae_path=args.vae, config_path=args.config,
+                          device=args.device)
     results = painter.paint(args.prompt, args.negative, num_images_per_prompt=args.num_images,
                             guidance_scale=args.guidance, num_inference_steps=args.steps,
                             height=args.height or args.size, width=args.width or args.size,
-                            scheduler=args.scheduler, seed=args.seed)
+                            scheduler=args.scheduler, seed=args.seed, num_candidates=args.candidates)
     output = Path(args.output)
     for number, result in enumerate(results, start=1):
         path = output if len(results) == 1 else output.with_name(f"{output.stem}-{number}{output.suffix}")
         result.save(path)
-        print(f"{path} (seed {result.seed})", file=stdout)
+        notes = [f"seed {result.seed}"]
+        if "ranker" in result.metadata:
+            ranked = result.metadata["ranker"]
+            notes.append(f"best of {len(ranked['candidate_seeds'])} by {ranked['name']}")
+        if result.flagged:
+            notes.append(f"FLAGGED and written black: {result.flag_reason}")
+        print(f"{path} ({'; '.join(notes)})", file=stdout)
     return 0
 
 
@@ -231,6 +294,18 @@ def _add_eval_parser(commands) -> None:
     shapes.add_argument("--limit", type=int, default=None, help="use only the first N items of each set")
     shapes.add_argument("--out", help="write the metrics as JSON here")
     shapes.set_defaults(run=run_eval_shapes)
+    rerank = kinds.add_parser(
+        "rerank", help="paint adherence on ShapesWorld with and without reranking",
+        description="Paint each held-out ShapesWorld prompt K times and report adherence for the first candidate, "
+                    "the mean over candidates (no reranking), the candidate each ranker picks, and the oracle.")
+    rerank.add_argument("--paint", help="paint model (default: the packaged one)")
+    rerank.add_argument("--chat", help="chat model for self-reranking (default: the packaged one)")
+    rerank.add_argument("--clip", help="also rank with Chinese-CLIP from this folder")
+    rerank.add_argument("--candidates", type=int, default=4, help="candidates per prompt (default 4)")
+    rerank.add_argument("--data", help="a ShapesWorld folder from `viscpm data shapes` (default: build one, seed 0)")
+    rerank.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    rerank.add_argument("--out", help="write the metrics as JSON here")
+    rerank.set_defaults(run=run_eval_rerank)
 
 
 def run_eval_shapes(args: argparse.Namespace) -> int:
@@ -248,7 +323,7 @@ def run_eval_shapes(args: argparse.Namespace) -> int:
         if not args.skip_chat:
             from .pipelines.chat import VisCPMChat
 
-            chat = VisCPMChat(args.chat)
+            chat = VisCPMChat(args.chat, image_safety_checker=False)
             metrics.update(evaluate_qa(chat, eval_dir, args.limit))
             metrics.update(evaluate_captions(chat, eval_dir, args.limit))
         if not args.skip_paint:
@@ -264,9 +339,148 @@ def run_eval_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_HELP = """Serve the models: an OpenAI-compatible HTTP API and a web page, in one process.
+
+  POST /v1/chat/completions   chat about images (OpenAI format; image_url parts as data URLs; stream)
+  POST /v1/images/generations paint (OpenAI format; b64_json)
+  GET  /v1/models, /health, / (the web page: chat and paint)
+
+Binds 127.0.0.1 (this machine only) unless --host says otherwise; any other address needs an API
+key (--api-key or the VISCPM_API_KEY environment variable), which clients send as
+`Authorization: Bearer KEY`.
+
+启动服务：兼容 OpenAI 的接口与网页（对话、绘画）。默认只监听本机 127.0.0.1；监听其他地址时必须
+设置 API 密钥（--api-key 或环境变量 VISCPM_API_KEY）。
+
+examples / 示例:
+  viscpm serve                                             # the packaged models / 内置模型
+  viscpm serve --chat viscpm_chat_zhplus_checkpoint.pt --no-paint --port 8080
+  VISCPM_API_KEY=secret viscpm serve --host 0.0.0.0"""
+
+
+def _add_serve_parser(commands) -> None:
+    from .serve import settings as limits
+
+    parser = commands.add_parser("serve", help="API server and web page / 接口服务与网页", description=SERVE_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    models = parser.add_argument_group("models")
+    models.add_argument("--chat", metavar="MODEL", help="chat model: official .pt or saved folder (default: packaged)")
+    models.add_argument("--chat-config", metavar="JSON", help="config of --chat, when none is beside it")
+    models.add_argument("--chat-vocab", metavar="FILE", help="vocab of --chat (default: vocab.txt beside it)")
+    models.add_argument("--no-chat", action="store_true", help="serve no chat model")
+    models.add_argument("--paint", metavar="MODEL",
+                        help="paint model: official .pt or saved folder (default: packaged)")
+    models.add_argument("--paint-config", metavar="JSON", help="config of --paint, when none is beside it")
+    models.add_argument("--paint-vocab", metavar="FILE", help="vocab of --paint (default: vocab.txt beside it)")
+    models.add_argument("--vae", help="VAE folder of --paint (default: vae/ beside it)")
+    models.add_argument("--no-paint", action="store_true", help="serve no paint model")
+    models.add_argument("--no-safety", action="store_true",
+                        help="turn the paint safety checkers off (default: the bundled ones when there are any)")
+    models.add_argument("--no-ranker", action="store_true",
+                        help="turn paint reranking off (default: the bundled ranker when there is one)")
+    models.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    network = parser.add_argument_group("network")
+    network.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    network.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    network.add_argument("--api-key", help="required key (default: $VISCPM_API_KEY); needed to bind a non-local host")
+    network.add_argument("--allow-remote-images", action="store_true",
+                         help="let chat requests name http(s) image URLs for the server to fetch (default: "
+                              "inline data URLs only; file:// is never read)")
+    network.add_argument("--allow-safety-off", action="store_true",
+                         help="let requests turn safety checkers off (e.g. \"prompt_safety_checker\": false); "
+                              "refused with 403 by default")
+    lim = parser.add_argument_group("limits")
+    lim.add_argument("--max-queue", type=int, default=limits.MAX_QUEUE,
+                     help=f"requests waiting or running per model before 429 (default {limits.MAX_QUEUE})")
+    lim.add_argument("--timeout", type=float, default=limits.REQUEST_TIMEOUT_S,
+                     help=f"seconds per request before 504 (default {limits.REQUEST_TIMEOUT_S:g})")
+    lim.add_argument("--max-batch", type=int, default=limits.MAX_BATCH_SIZE,
+                     help=f"chat requests decoded together (default {limits.MAX_BATCH_SIZE}; 1 turns batching off)")
+    lim.add_argument("--max-tokens", type=int, default=limits.MAX_NEW_TOKENS,
+                     help=f"largest max_tokens a request may ask (default {limits.MAX_NEW_TOKENS})")
+    lim.add_argument("--max-request-mb", type=float, default=limits.MAX_REQUEST_BYTES / 2**20,
+                     help=f"largest request body in MiB (default {limits.MAX_REQUEST_BYTES / 2**20:g})")
+    parser.set_defaults(run=run_serve)
+
+
+def build_serve_app(args: argparse.Namespace):
+    """The app ``viscpm serve`` runs: settings from the flags, pipelines loaded now."""
+    from .serve import ServeSettings, check_binding, create_app
+
+    api_key = args.api_key or os.environ.get("VISCPM_API_KEY") or None
+    check_binding(args.host, api_key)  # before minutes of loading
+    if args.no_chat and args.no_paint:
+        raise ValueError("--no-chat and --no-paint leave nothing to serve")
+    settings = ServeSettings(api_key=api_key, allow_remote_images=args.allow_remote_images,
+                             allow_safety_off=args.allow_safety_off, max_queue=args.max_queue,
+                             request_timeout=args.timeout, max_batch_size=args.max_batch,
+                             max_new_tokens=args.max_tokens,
+                             default_max_new_tokens=min(args.max_tokens, ServeSettings.default_max_new_tokens),
+                             max_request_bytes=int(args.max_request_mb * 2**20))
+    chat = paint = None
+    try:
+        if not args.no_chat:
+            from .pipelines.chat import VisCPMChat
+
+            chat = VisCPMChat(args.chat, args.chat_config, args.chat_vocab, device=args.device)
+        if not args.no_paint:
+            from .pipelines.paint import VisCPMPaint
+
+            switches = {}
+            if args.no_safety:
+                switches.update(image_safety_checker=False, prompt_safety_checker=False)
+            if args.no_ranker:
+                switches["add_ranker"] = False
+            paint = VisCPMPaint(args.paint, vocab_path=args.paint_vocab, vae_path=args.vae,
+                                config_path=args.paint_config, device=args.device, progress_bar=False, **switches)
+    except FileNotFoundError as error:  # most often: no packaged model yet
+        raise FileNotFoundError(f"{error} (viscpm serve: pass --chat/--paint MODEL, or --no-chat/--no-paint)") from None
+    return create_app(chat=chat, paint=paint, settings=settings)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app = build_serve_app(args)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"viscpm serve: page 网页 http://{host}:{args.port}/  ·  API 接口 http://{host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def run_eval_rerank(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from .pipelines.chat import VisCPMChat
+    from .pipelines.paint import VisCPMPaint
+    from .rerank import ChatSelfRanker, ChineseCLIPRanker
+    from .rerank.evaluate import evaluate_reranking
+    from .shapes.corpus import build_corpora
+
+    painter = VisCPMPaint(args.paint, image_safety_checker=False, prompt_safety_checker=False, add_ranker=False,
+                          progress_bar=False)
+    rankers = {"self": ChatSelfRanker(VisCPMChat(args.chat, image_safety_checker=False))}
+    if args.clip:
+        rankers["chinese-clip"] = ChineseCLIPRanker.from_pretrained(args.clip)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(args.data) if args.data else build_corpora(Path(scratch) / "shapes", seed=0).root
+        metrics = evaluate_reranking(painter, rankers, root / "eval", args.limit, args.candidates)
+    text = json.dumps(metrics, indent=2, ensure_ascii=False)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="viscpm", description="Bilingual multimodal VisCPM models: chat about images, paint from text.")
+        prog="viscpm", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Bilingual multimodal VisCPM models: chat about images, paint from text.\n"
+                    "中英双语多模态 VisCPM 模型：图片对话、文字生成图片。",
+        epilog="Run `viscpm COMMAND --help` for a command's options. 各命令的选项见 `viscpm 命令 --help`。")
     parser.add_argument("--version", action="version", version=f"viscpm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -276,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SUBCOMMANDS: list[Callable] = [
-    _add_chat_parser, _add_paint_parser, _add_train_parser, _add_plot_parser, _add_data_parser, _add_eval_parser,
+    _add_chat_parser, _add_paint_parser, _add_serve_parser, _add_train_parser, _add_plot_parser, _add_data_parser,
+    _add_eval_parser,
 ]
 
 
@@ -287,11 +502,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from .safety.base import Refused
+
     try:
         return args.run(args)
+    except Refused as error:  # a safety checker said no: a distinct status, so scripts can tell
+        print(f"viscpm {args.command}: {error}", file=sys.stderr)
+        return REFUSED_STATUS
     except (ValueError, FileNotFoundError) as error:
         print(f"viscpm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ text decodes through the prompt's reverse ext table.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,10 @@ from .models.cpmbee import CPMBee
 from .prompt import GenerationPrompt
 
 BANNED_LOGIT = -10000.0  # the official code sets (not adds) this value on forbidden columns
+
+
+class GenerationCancelled(Exception):
+    """Decoding was stopped by the caller's ``should_stop`` (e.g. a server whose client left)."""
 
 
 @dataclass(frozen=True)
@@ -233,9 +237,15 @@ class _Hypotheses:
 
 @torch.no_grad()
 def beam_search(
-    llm: CPMBee, prompt: GenerationPrompt, config: GenerationConfig, inputs_embeds: torch.Tensor | None = None
+    llm: CPMBee,
+    prompt: GenerationPrompt,
+    config: GenerationConfig,
+    inputs_embeds: torch.Tensor | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[AnswerTokens]:
-    """The official VisCPM beam search; returns the best answer tokens of every sample."""
+    """The official VisCPM beam search; returns the best answer tokens of every sample.
+
+    ``should_stop`` is asked before every step; when it answers True, ``GenerationCancelled`` is raised."""
     k = config.num_beams
     batch = prompt.inputs.input_ids.size(0)
     last_step = config.last_step
@@ -253,6 +263,8 @@ def beam_search(
     history = torch.empty(len(slots), 0, dtype=torch.long, device=device)
 
     for step in range(last_step + 1):
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled(f"beam search stopped by the caller at step {step}")
         history = torch.cat([history, torch.tensor([s.token for s in slots], device=device)[:, None]], 1)
         logits = decoder.step(slots)
         apply_repetition_penalty(logits, history, config.repetition_penalty, config.repetition_window)

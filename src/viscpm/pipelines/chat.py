@@ -11,6 +11,10 @@ Beyond it: greedy/sampled decoding with a seed, streaming (``stream_chat``), sto
 batches of (image, question) pairs (``batch_chat``), text-only turns (``image=None``) and a new
 image in the middle of a conversation (pass it with ``vision_hidden_states=None``).
 
+Input images pass an image safety checker (:mod:`viscpm.safety`; by default NudeNet when
+``viscpm[safety]`` is installed, else none); a flagged image raises :class:`RefusedImage` and no
+answer is given. The checker is chosen at construction and can be switched per call.
+
 Text conventions: the ``context`` string is in the prompt's own markup, where a literal ``<`` is
 written ``<<``; questions and answers are escaped into it here. Returned answers are plain text.
 (The official code escapes neither, so a ``<`` in a question crashed it and answers could show
@@ -21,17 +25,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from ..checkpoints import find_vocab, load_weights, save_folder
-from ..generation import AnswerTokens, GenerationConfig, beam_search, group_by_slot, stream_tokens
+from ..generation import (
+    AnswerTokens, GenerationCancelled, GenerationConfig, beam_search, group_by_slot, stream_tokens,
+)
 from ..image_processing import DEFAULT_MAX_PIXELS, ImageInput, ImageTransform, load_image
 from ..models.chat import CHAT_KEY_RULES, CHAT_PRESETS, CHAT_UNUSED_OFFICIAL_KEYS, ChatConfig, ChatModel
 from ..prompt import GenerationPrompt, append_turn, pack_for_generation
+from ..safety import ImageChecker, Refused, load_image_checker, verdict
 from ..tokenization import CPMBeeTokenizer
 from .defaults import default_model_path
 
@@ -41,8 +48,8 @@ MAX_PROMPT_TOKENS = 3000  # the official max_inp_length; longer prompts are refu
 GENERATION_ALIASES = {"beam_size": "num_beams"}  # official option names
 
 
-class RefusedImage(ValueError):
-    """The image safety checker flagged the input image."""
+class RefusedImage(Refused):
+    """The image safety checker flagged the input image; no answer was given. ``reason`` says why."""
 
 
 def generation_config(**options) -> GenerationConfig:
@@ -91,7 +98,13 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
 
 class VisCPMChat:
     """Chat about images. ``model_path``: an official ``.pt``, our saved folder, or None for the
-    model shipped with the package."""
+    model shipped with the package.
+
+    ``image_safety_checker``: ``None`` (default) NudeNet when ``viscpm[safety]`` is installed,
+    else off (logged); ``True`` NudeNet or an error; a folder: the official Stable Diffusion
+    safety checker; ``False`` off (the official default); or a callable ``(PIL.Image) -> bool |
+    SafetyResult``. Every method that takes images also takes ``image_safety_checker=`` for one
+    call (None keeps this one, False turns it off, True turns it on, a callable replaces it)."""
 
     def __init__(
         self,
@@ -101,9 +114,11 @@ class VisCPMChat:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
-        image_safety_checker: bool | Callable[[Image.Image], bool] = False,
+        image_safety_checker: bool | str | os.PathLike | ImageChecker | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ):
+        self.image_safety_checker: ImageChecker | None = load_image_checker(image_safety_checker)
+        self._default_checker: ImageChecker | None = None  # loaded when a call turns the checker on
         if model_path is None:  # the packaged model is stored in fp16 to stay small; run it in fp32
             model_path, dtype = default_model_path("chat"), dtype or torch.float32
         model, config, weights = load_weights(
@@ -122,26 +137,40 @@ class VisCPMChat:
         self.device = torch.device(device)
         self.transform = ImageTransform(config.vision.image_size)
         self.max_image_pixels = max_image_pixels
-        if image_safety_checker is True:
-            raise ValueError("no image safety checker is bundled yet; pass a callable or image_safety_checker=False")
-        self.image_safety_checker = image_safety_checker or None
 
     # -- inputs ------------------------------------------------------------------------------
 
-    def _load(self, image: ImageInput) -> Image.Image:
+    def _checker(self, override) -> ImageChecker | None:
+        """The image checker for one call (see the class docstring)."""
+        if override is None or (override is True and self.image_safety_checker is not None):
+            return self.image_safety_checker
+        if override is True:
+            if self._default_checker is None:
+                self._default_checker = load_image_checker(True)
+            return self._default_checker
+        if not (override is False or callable(override)):
+            raise ValueError("image_safety_checker: per call, pass true or false (or, from Python, a callable); load "
+                             f"a checker from a folder when building VisCPMChat, got {override!r}")
+        return load_image_checker(override)
+
+    def _load(self, image: ImageInput, checker: ImageChecker | None) -> Image.Image:
         image = load_image(image, max_pixels=self.max_image_pixels)
-        if self.image_safety_checker is not None and self.image_safety_checker(image):
-            raise RefusedImage("the input image was flagged by the image safety checker; no answer is given")
+        if checker is not None:
+            result = verdict(checker(image), "image safety checker")
+            if result:
+                raise RefusedImage(f"the input image was refused: {result.reason}; no answer is given",
+                                   result.reason, result.checker)
         return image
 
     @torch.no_grad()
-    def encode_image(self, image: ImageInput) -> torch.Tensor:
+    def encode_image(self, image: ImageInput, *, image_safety_checker=None) -> torch.Tensor:
         """Vision hidden states (1, Q, d) of one image, to reuse over several turns."""
-        return self.encode_images([image])
+        return self.encode_images([image], image_safety_checker=image_safety_checker)
 
     @torch.no_grad()
-    def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        pixel_values = self.transform([self._load(image) for image in images]).to(self.device)
+    def encode_images(self, images: Sequence[ImageInput], *, image_safety_checker=None) -> torch.Tensor:
+        checker = self._checker(image_safety_checker)
+        pixel_values = self.transform([self._load(image, checker) for image in images]).to(self.device)
         return self.model.encode_images(pixel_values.to(self.model.vision.patch_embed.weight.dtype))
 
     def _prepare(
@@ -150,6 +179,7 @@ class VisCPMChat:
         questions: Sequence[str],
         contexts: Sequence[str],
         vision_hidden_states: Sequence[torch.Tensor | None],
+        image_safety_checker=None,
     ) -> tuple[GenerationPrompt, torch.Tensor, list[torch.Tensor | None]]:
         """Pack the prompts, encode the images that have no states yet, inject them."""
         for question in questions:
@@ -158,7 +188,7 @@ class VisCPMChat:
         states: list[torch.Tensor | None] = list(vision_hidden_states)
         to_encode = [i for i, (image, s) in enumerate(zip(images, states)) if s is None and image is not None]
         if to_encode:
-            encoded = self.encode_images([images[i] for i in to_encode])
+            encoded = self.encode_images([images[i] for i in to_encode], image_safety_checker=image_safety_checker)
             for row, i in enumerate(to_encode):
                 states[i] = encoded[row : row + 1]
         has_image = [s is not None for s in states]
@@ -180,16 +210,22 @@ class VisCPMChat:
 
     # -- public API --------------------------------------------------------------------------
 
-    def _generate(self, images, questions, contexts, vision_hidden_states, options) -> tuple[list[str], list]:
+    def _generate(self, images, questions, contexts, vision_hidden_states, options,
+                  image_safety_checker=None) -> tuple[list[str], list]:
+        # should_stop: asked before every decoding step; True raises GenerationCancelled (servers use
+        # it to stop work for a client that left or timed out)
+        should_stop = options.pop("should_stop", None)
         config = generation_config(**options)
-        prompt, embeds, states = self._prepare(images, questions, contexts, vision_hidden_states)
+        prompt, embeds, states = self._prepare(images, questions, contexts, vision_hidden_states, image_safety_checker)
         if config.do_sample or config.num_beams == 1:
             answers: list[AnswerTokens] = [[] for _ in questions]
-            for produced in stream_tokens(self.model.llm, prompt, config, embeds):
+            for step, produced in enumerate(stream_tokens(self.model.llm, prompt, config, embeds)):
+                if should_stop is not None and should_stop():
+                    raise GenerationCancelled(f"decoding stopped by the caller after step {step}")
                 for sample, token, slot in produced:
                     answers[sample].append((token, slot))
         else:
-            answers = beam_search(self.model.llm, prompt, config, embeds)
+            answers = beam_search(self.model.llm, prompt, config, embeds, should_stop)
         texts = [cut_at_stop(self._answer_text(prompt, i, a), config.stop) for i, a in enumerate(answers)]
         return texts, states
 
@@ -200,14 +236,18 @@ class VisCPMChat:
         question: str,
         context: str = "",
         vision_hidden_states: torch.Tensor | None = None,
+        *,
+        image_safety_checker=None,
         **generation_options,
     ) -> tuple[str, str, torch.Tensor | None]:
         """One turn. Returns ``(answer, context with this turn appended, vision_hidden_states)``.
 
         ``max_length=N`` reproduces the official answers for the same N (up to N + 2 tokens);
-        ``max_new_tokens=N`` caps the answer at N tokens.
+        ``max_new_tokens=N`` caps the answer at N tokens. ``should_stop=callable`` is asked before
+        every decoding step and cancels (``GenerationCancelled``) when it returns True.
         """
-        answers, states = self._generate([image], [question], [context], [vision_hidden_states], generation_options)
+        answers, states = self._generate([image], [question], [context], [vision_hidden_states], generation_options,
+                                         image_safety_checker)
         return answers[0], append_turn(context, question, answers[0]), states[0]
 
     @torch.no_grad()
@@ -217,6 +257,8 @@ class VisCPMChat:
         questions: Sequence[str],
         contexts: Sequence[str] | None = None,
         vision_hidden_states: Sequence[torch.Tensor | None] | None = None,
+        *,
+        image_safety_checker=None,
         **generation_options,
     ) -> list[str]:
         """Answer many (image, question) pairs in one padded batch; equals one-at-a-time answers."""
@@ -225,7 +267,8 @@ class VisCPMChat:
         vision_hidden_states = list(vision_hidden_states) if vision_hidden_states is not None else [None] * n
         if not len(images) == len(contexts) == len(vision_hidden_states) == n:
             raise ValueError("images, questions, contexts and vision_hidden_states must have the same length")
-        return self._generate(images, questions, contexts, vision_hidden_states, generation_options)[0]
+        return self._generate(images, questions, contexts, vision_hidden_states, generation_options,
+                              image_safety_checker)[0]
 
     @torch.no_grad()
     def stream_chat(
@@ -234,6 +277,8 @@ class VisCPMChat:
         question: str,
         context: str = "",
         vision_hidden_states: torch.Tensor | None = None,
+        *,
+        image_safety_checker=None,
         **generation_options,
     ) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated (greedy unless ``do_sample``).
@@ -243,7 +288,7 @@ class VisCPMChat:
         """
         generation_options.setdefault("num_beams", 1)
         config = generation_config(**generation_options)
-        prompt, embeds, _ = self._prepare([image], [question], [context], [vision_hidden_states])
+        prompt, embeds, _ = self._prepare([image], [question], [context], [vision_hidden_states], image_safety_checker)
         table = prompt.rev_ext_tables[0]
         cutter = _StopText(config.stop)
         tokens = stream_tokens(self.model.llm, prompt, config, embeds)

@@ -7,6 +7,15 @@ from pathlib import Path
 KINDS = ("chat", "paint")
 
 
+def has_default_model(kind: str) -> bool:
+    """Whether a default ``kind`` model is packaged."""
+    try:
+        default_model_path(kind)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def default_model_path(kind: str) -> Path:
     """The folder of the packaged default ``kind`` model (``viscpm/assets/<kind>``)."""
     if kind not in KINDS:

@@ -4,13 +4,17 @@ postprocess → safety → rank.
 
 The seed API matches the official one, so VisCPM users can switch::
 
-    painter = VisCPMPaint("viscpm_paint_zhplus_checkpoint.pt", image_safety_checker=False,
-                          prompt_safety_checker=False, add_ranker=False)   # vocab.txt, vae/ beside it
-    image = painter.generate("海上生明月，天涯共此时")                     # one PIL image (a grid)
+    painter = VisCPMPaint("viscpm_paint_zhplus_checkpoint.pt")   # vocab.txt, vae/ beside it
+    image = painter.generate("海上生明月，天涯共此时")              # one PIL image (a grid)
 
 Beyond it, ``painter.paint(...)`` (also ``painter(...)``) returns one :class:`PaintedImage` per
 image with its seed, steps, scheduler and guidance, takes ``height``/``width``, a scheduler by
 name, a seed, a per-step callback, and a list of prompts.
+
+Safety and ranking are pluggable parts (:mod:`viscpm.safety`, :mod:`viscpm.rerank`), chosen when
+the painter is built and switchable per call: the prompt checker refuses a flagged prompt
+(:class:`RefusedPrompt`, nothing painted), the image checker blackens flagged images and marks
+them, the ranker paints ``num_candidates`` images for each one returned and keeps the best.
 
 Choices where the official code was silent or fragile:
 * an empty prompt is allowed: it is exactly the official unconditional prompt, so it paints an
@@ -46,18 +50,21 @@ from tqdm.auto import tqdm
 from ..checkpoints import VAE_FOLDER, CheckpointError, find_vocab, load_vae, load_weights, save_folder
 from ..models.paint import PAINT_KEY_RULES, PAINT_PRESETS, PaintConfig, PaintModel
 from ..prompt import BeeInputs, collate_for_forward, convert_data_to_id
+from ..rerank import Ranker, load_ranker
+from ..safety import (
+    ImageChecker, PromptChecker, Refused, load_image_checker, load_prompt_checker, screen_images, verdict,
+)
 from ..tokenization import CPMBeeTokenizer
-from .defaults import default_model_path
+from .chat import VisCPMChat
+from .defaults import default_model_path, has_default_model
 
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_TOKENS = 3000  # CPM-Bee's input limit in VisCPM (max_inp_length); longer is refused
 RANKER_CANDIDATES = 4  # official: the ranker picks the best of 4 images for each one returned
 GRID_MAX_COLUMNS = 8
-
-ImageChecker = Callable[[Image.Image], bool]  # True = flagged
-PromptChecker = Callable[[str], bool]  # True = flagged
-Ranker = Callable[[str, list[Image.Image]], Sequence[float]]  # higher = better match
+SWITCH_LOADERS = {"prompt_safety_checker": load_prompt_checker, "image_safety_checker": load_image_checker,
+                  "add_ranker": load_ranker}  # switch name -> what turns its value into a checker or ranker
 
 # Scheduler name -> (diffusers class, overrides of the stored SD-2.1-base config).
 # "ddpm" is the official sampler. diffusers 0.15, which made the reference, ignored
@@ -72,8 +79,8 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 }
 
 
-class RefusedPrompt(ValueError):
-    """The prompt safety checker flagged the prompt; nothing was painted."""
+class RefusedPrompt(Refused):
+    """The prompt safety checker flagged the prompt; nothing was painted. ``reason`` says why."""
 
 
 def build_scheduler(name: str, config: dict) -> SchedulerMixin:
@@ -119,7 +126,8 @@ class PaintedImage:
     guidance_scale: float
     flagged: bool = False  # the image safety checker replaced it with black
     score: float | None = None  # the ranker's score, when one picked this image
-    metadata: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)  # size; with a ranker: its name and every candidate's score
+    flag_reason: str | None = None  # why the image safety checker flagged it
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the image; PNG files carry the settings as a ``viscpm`` text chunk."""
@@ -129,33 +137,34 @@ class PaintedImage:
         self.image.save(path, pnginfo=info if str(path).lower().endswith(".png") else None)
 
 
-def _pluggable(value, name: str, signature: str):
-    if value is True:
-        raise ValueError(f"no {name.replace('_', ' ')} is bundled yet; pass {name}=False or a callable {signature}")
-    if value is None:
-        logger.info("%s: none bundled yet, so it is off", name)
-        return None
-    if value is False:
-        return None
-    if not callable(value):
-        raise TypeError(f"{name} must be a bool or a callable {signature}, got {type(value).__name__}")
-    return value
+def _packaged_chat() -> VisCPMChat:
+    return VisCPMChat(None, image_safety_checker=False)
 
 
 class VisCPMPaint:
     """Text to image. ``model_path``: an official ``.pt``, our saved folder, or None for the model
     shipped with the package (loaded in fp32 unless ``dtype`` says otherwise).
 
-    The checkers and ranker are pluggable callables. ``None`` (the default) means "the bundled
-    one when there is one": none is bundled yet, so they are off (logged). ``True`` asks for the
-    bundled one explicitly and raises until it exists."""
+    The switches (details in :mod:`viscpm.safety` and :mod:`viscpm.rerank`):
+
+    * ``prompt_safety_checker``: ``None``/``True`` the offline lexicon checker; a folder: the
+      official BERT classifier; ``False`` off; or a callable ``(str) -> bool | SafetyResult``.
+    * ``image_safety_checker``: ``None`` NudeNet when ``viscpm[safety]`` is installed, else off
+      (logged); ``True`` NudeNet or an error; a folder: the official Stable Diffusion checker;
+      ``False`` off; or a callable ``(PIL.Image) -> bool | SafetyResult``.
+    * ``add_ranker``: ``None`` self-reranking with VisCPM-Chat when one is available (painting
+      with the packaged model uses the packaged chat model), else off (logged); ``True`` the same
+      or an error; a VisCPMChat; a folder: Chinese-CLIP (the official ranker) or a chat model;
+      ``False`` off; or a callable ``(prompt, images) -> scores``.
+
+    Each can be overridden for one call of :meth:`paint`."""
 
     def __init__(
         self,
         model_path: str | os.PathLike | None = None,
-        image_safety_checker: bool | ImageChecker | None = None,
-        prompt_safety_checker: bool | PromptChecker | None = None,
-        add_ranker: bool | Ranker | None = None,
+        image_safety_checker: bool | str | os.PathLike | ImageChecker | None = None,
+        prompt_safety_checker: bool | str | os.PathLike | PromptChecker | None = None,
+        add_ranker: bool | str | os.PathLike | Ranker | None = None,
         vocab_path: str | os.PathLike | None = None,
         vae_path: str | os.PathLike | None = None,
         *,
@@ -164,10 +173,13 @@ class VisCPMPaint:
         dtype: torch.dtype | None = None,
         progress_bar: bool = True,
     ):
-        # checked first, so a wrong switch fails before gigabytes are read
-        self.image_safety_checker = _pluggable(image_safety_checker, "image_safety_checker", "(PIL.Image) -> bool")
-        self.prompt_safety_checker = _pluggable(prompt_safety_checker, "prompt_safety_checker", "(str) -> bool")
-        self.ranker = _pluggable(add_ranker, "add_ranker", "(prompt, images) -> scores")
+        # resolved first, so a wrong switch fails before gigabytes are read
+        packaged_chat = _packaged_chat if model_path is None and has_default_model("chat") else None
+        self.prompt_safety_checker: PromptChecker | None = load_prompt_checker(prompt_safety_checker)
+        self.image_safety_checker: ImageChecker | None = load_image_checker(image_safety_checker)
+        self.ranker: Ranker | None = load_ranker(add_ranker, chat=packaged_chat)
+        self._default_chat = packaged_chat
+        self._bundled: dict[str, object] = {}  # defaults loaded for a call that turned a switch on
         if model_path is None:
             model_path, dtype = default_model_path("paint"), dtype or torch.float32
         model, config, weights = load_weights(
@@ -239,9 +251,26 @@ class VisCPMPaint:
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
 
+    def _switch(self, name: str, value):
+        """The checker or ranker for one call: None = as built; False = off; True = as built, or
+        the default when it was built off; a callable (or a VisCPMChat for the ranker) = that."""
+        built = {"prompt_safety_checker": self.prompt_safety_checker, "image_safety_checker": self.image_safety_checker,
+                 "add_ranker": self.ranker}[name]
+        if value is None or (value is True and built is not None):
+            return built
+        if value is True:  # built off, on for this call: the default, loaded once
+            if name not in self._bundled:
+                self._bundled[name] = (load_ranker(True, chat=self._default_chat) if name == "add_ranker"
+                                       else SWITCH_LOADERS[name](True))
+            return self._bundled[name]
+        if value is False or callable(value) or (name == "add_ranker" and isinstance(value, VisCPMChat)):
+            return SWITCH_LOADERS[name](value)
+        raise ValueError(f"{name}: per call, pass true or false (or, from Python, a callable); load checkers and "
+                         f"rankers from folders when building the painter, got {value!r}")
+
     @torch.no_grad()
     def _paint_one(self, prompt, negative_prompt, n, guidance_scale, steps, height, width, scheduler,
-                   generator, latents, callback) -> tuple[list[Image.Image], list[bool]]:
+                   generator, latents, callback) -> list[Image.Image]:
         # 2. encode: [negative; prompt] under guidance, each repeated n times -> (2n or n, L, d)
         guided = guidance_scale > 1
         states = self.encode_prompt(prompt, negative_prompt, guided)
@@ -275,15 +304,7 @@ class VisCPMPaint:
 
         # 5. decode, 6. postprocess: float [0, 1] NHWC -> uint8 with numpy's round-half-even
         pixels = (self.decode_latents(latents) * 255).round().astype(np.uint8)
-        images = [Image.fromarray(p) for p in pixels]
-
-        # 7. safety: flagged images become black and are reported
-        flagged = [bool(self.image_safety_checker(im)) if self.image_safety_checker else False for im in images]
-        if any(flagged):
-            logger.warning("the image safety checker flagged %d of %d images; they are returned black",
-                           sum(flagged), len(flagged))
-            images = [Image.new("RGB", im.size) if bad else im for im, bad in zip(images, flagged)]
-        return images, flagged
+        return [Image.fromarray(p) for p in pixels]
 
     # -- public API --------------------------------------------------------------------------
 
@@ -302,10 +323,18 @@ class VisCPMPaint:
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         callback: Callable[[PaintStep], None] | None = None,
+        prompt_safety_checker: bool | PromptChecker | None = None,
+        image_safety_checker: bool | ImageChecker | None = None,
+        add_ranker: bool | Ranker | None = None,
+        num_candidates: int = RANKER_CANDIDATES,
     ) -> list[PaintedImage]:
-        """Paint ``num_images_per_prompt`` images for each prompt. With a ranker configured, each
-        returned image is the best of ``RANKER_CANDIDATES``. ``latents``: (N, C, h, w) initial
-        noise, N = prompts × images × candidates.
+        """Paint ``num_images_per_prompt`` images for each prompt. With a ranker, each returned
+        image is the best of ``num_candidates``. ``latents``: (N, C, h, w) initial noise,
+        N = prompts × images × candidates.
+
+        The three switches override the painter's for this call: None keeps it, False turns it
+        off, True turns it on (the painter's, or the default), a callable replaces it. A flagged
+        prompt raises :class:`RefusedPrompt` before anything is painted.
 
         Seeds: image k of the call gets its own generator seeded ``seed + k`` (``seed`` drawn at
         random when not given), so any image can be painted again alone. A ``generator`` instead is
@@ -324,10 +353,22 @@ class VisCPMPaint:
             logger.warning("guidance_scale %s < 1 turns classifier-free guidance off (as in diffusers)", guidance_scale)
         if guidance_scale <= 1 and any(negatives):
             logger.warning("the negative prompt is ignored without classifier-free guidance (guidance_scale <= 1)")
-        if self.prompt_safety_checker is not None:
+        prompt_checker = self._switch("prompt_safety_checker", prompt_safety_checker)
+        image_checker = self._switch("image_safety_checker", image_safety_checker)
+        ranker = self._switch("add_ranker", add_ranker)
+        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
+            raise ValueError(f"num_candidates must be a positive integer, got {num_candidates}")
+        for what, texts in (("prompt", prompts), ("negative prompt", [n for n in negatives if n is not None])):
+            for text in texts:  # checked here too, before any safety checker reads them
+                if not isinstance(text, str):
+                    raise TypeError(f"the {what} must be a string, got {type(text).__name__}")
+        if prompt_checker is not None:
             for text in prompts:
-                if self.prompt_safety_checker(text):
-                    raise RefusedPrompt(f"the prompt safety checker flagged {text!r}; nothing was painted")
+                result = verdict(prompt_checker(text), "prompt safety checker")
+                if result:
+                    shown = text if len(text) <= 80 else text[:77] + "..."
+                    raise RefusedPrompt(f"the prompt {shown!r} was refused: {result.reason}; nothing was painted",
+                                        result.reason, result.checker)
         if seed is not None and generator is not None:
             raise ValueError("pass seed or generator, not both")
         if seed is None and generator is None:
@@ -336,7 +377,7 @@ class VisCPMPaint:
             name, scheduler = scheduler, build_scheduler(scheduler, self.config.scheduler)
         else:
             name = type(scheduler).__name__
-        candidates = RANKER_CANDIDATES if self.ranker is not None else 1
+        candidates = num_candidates if ranker is not None else 1
         per_prompt = num_images_per_prompt * candidates
         if latents is not None and latents.size(0) != per_prompt * len(prompts):
             raise ValueError(f"latents hold {latents.size(0)} images but this call paints "
@@ -348,16 +389,27 @@ class VisCPMPaint:
             start = latents[p * per_prompt : (p + 1) * per_prompt] if latents is not None else None
             seeds = [seed + p * per_prompt + k for k in range(per_prompt)] if seed is not None else [None] * per_prompt
             generators = generator if generator is not None else [torch.Generator("cpu").manual_seed(s) for s in seeds]
-            images, flagged = self._paint_one(text, negative, per_prompt, guidance_scale, num_inference_steps,
-                                              height, width, scheduler, generators, start, callback)
+            images = self._paint_one(text, negative, per_prompt, guidance_scale, num_inference_steps,
+                                     height, width, scheduler, generators, start, callback)
+            # 7. safety: flagged images become black and are reported
+            images, checks = screen_images(image_checker, images)
+            flagged = [bool(c) for c in checks]
+            if any(flagged):
+                logger.warning("the image safety checker flagged %d of %d images (%s); they are returned black",
+                               sum(flagged), len(flagged), "; ".join(dict.fromkeys(c.reason for c in checks if c)))
             scores: list[float | None] = [None] * len(images)
             keep = list(range(len(images)))
-            if self.ranker is not None:  # 8. rank: the best unflagged candidate of each group
-                scores = [float(s) for s in self.ranker(text, images)]
+            metadata = [{"height": height, "width": width} for _ in images]
+            if ranker is not None:  # 8. rank: the best unflagged candidate of each group
+                scores = [float(s) for s in ranker(text, images)]
                 keep = [max(range(g, g + candidates), key=lambda i: (not flagged[i], scores[i]))
                         for g in range(0, len(images), candidates)]
+                for g, i in zip(range(0, len(images), candidates), keep):
+                    metadata[i]["ranker"] = {"name": getattr(ranker, "name", type(ranker).__name__),
+                                             "candidate_seeds": seeds[g : g + candidates],
+                                             "candidate_scores": scores[g : g + candidates]}
             results += [PaintedImage(images[i], text, negative, seeds[i], num_inference_steps, name, guidance_scale,
-                                     flagged[i], scores[i], {"height": height, "width": width})
+                                     flagged[i], scores[i], metadata[i], checks[i].reason or None)
                         for i in keep]
         return results
 

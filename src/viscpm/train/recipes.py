@@ -229,8 +229,9 @@ def chat_align(config: TrainConfig) -> Recipe:
         if not isinstance(caption, str) or not caption.strip() or record.image is None:
             malformed += 1
             continue
-        # a fixed instruction per record (by a hash of its image path), so runs are reproducible
-        instruction = CAPTION_INSTRUCTIONS[zlib.crc32(str(record.image).encode()) % len(CAPTION_INSTRUCTIONS)]
+        # a fixed instruction per record (a hash of the image name as written in the data, not of
+        # where the data lives), so runs are reproducible
+        instruction = CAPTION_INSTRUCTIONS[zlib.crc32(str(record.fields.get("image", "")).encode()) % len(CAPTION_INSTRUCTIONS)]
         items.append((record, {"context": "", "question": instruction, "<ans>": tokenizer.escape(caption)}))
     examples = PromptExamples(items, tokenizer, config.data.max_tokens, model_config.query_num,
                               ImageTransform(model_config.vision.image_size))

@@ -1,0 +1,81 @@
+"""Request schemas: the OpenAI fields we honour, plus VisCPM's own options as extensions.
+
+Fields of OpenAI's API that we do not use (``user``, ``quality``, ``logit_bias``, ...) are accepted
+and ignored, as OpenAI-compatible servers do, so existing clients work unchanged. Extra fields
+whose names are keyword options of the pipeline call (for example a per-request safety switch of
+``VisCPMPaint.paint``) are passed through; see ``app.passthrough_options``.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Part):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Part):
+    url: str
+    detail: str | None = None  # accepted, not used: VisCPM reads every image at its own resolution
+
+
+class ImagePart(_Part):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class Message(_Part):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(_Part):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    model: str | None = None  # None: this server's chat model
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name; wins over max_tokens
+    temperature: float | None = Field(None, ge=0, le=2)  # 0: greedy; > 0: sampling
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    # -- VisCPM extensions
+    num_beams: int | None = Field(None, ge=1)  # > 1: the official beam search (not streamable)
+    do_sample: bool | None = None
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    length_penalty: float | None = None
+
+
+class ImageGenerationRequest(_Request):
+    prompt: str
+    model: str | None = None  # None: this server's paint model
+    n: int = Field(1, ge=1)
+    size: str | None = None  # "WIDTHxHEIGHT" or "auto"; None/auto: the model's own size
+    response_format: Literal["b64_json", "url"] | None = None  # only b64_json is served
+    # -- VisCPM extensions
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0, le=100)
+    scheduler: str | None = None  # ddpm (official), ddim, euler, dpm++

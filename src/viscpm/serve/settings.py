@@ -1,0 +1,97 @@
+"""The server's limits, each a named constant, and the settings object that carries them.
+
+Every limit can be changed per server through :class:`ServeSettings` (``viscpm serve`` exposes the
+common ones as flags); the constants are the defaults and what the README documents.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+# -- requests --------------------------------------------------------------------------------
+MAX_REQUEST_BYTES = 16 * 1024 * 1024  # whole HTTP body; larger -> 413 before it is read
+MAX_TEXT_CHARS = 16_000  # all text of one request (messages or prompt + negative prompt) -> 400
+MAX_MESSAGES = 64  # messages in one chat request -> 400
+MAX_STOP_STRINGS = 4  # as in OpenAI's API
+# -- images sent to chat ---------------------------------------------------------------------
+MAX_IMAGE_BYTES = 10 * 1024 * 1024  # one image, after base64 decoding -> 413
+MAX_IMAGE_PIXELS = 4096 * 4096  # width x height read from the header, before decoding -> 413
+REMOTE_IMAGE_TIMEOUT_S = 10.0  # fetching an http(s) image, when remote images are enabled
+# -- generation ------------------------------------------------------------------------------
+DEFAULT_MAX_NEW_TOKENS = 256  # when a chat request names no max_tokens
+MAX_NEW_TOKENS = 1024  # the largest max_tokens a chat request may ask for -> 400
+MAX_BEAMS = 8
+MAX_PAINT_IMAGES = 4  # n of one image request -> 400
+MAX_PAINT_SIDE = 1024  # width and height of painted images -> 400
+MAX_PAINT_STEPS = 100  # num_inference_steps -> 400
+# -- scheduling ------------------------------------------------------------------------------
+MAX_QUEUE = 64  # requests waiting or running per model; one more -> 429
+REQUEST_TIMEOUT_S = 300.0  # from arrival to the last byte of the answer -> 504, generation stopped
+BATCH_WINDOW_MS = 5.0  # how long a non-streamed chat request waits for others to share its batch
+MAX_BATCH_SIZE = 8  # chat requests decoded together
+VISION_CACHE_SIZE = 16  # encoded images kept, so a multi-turn chat does not re-encode its image
+
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What a server allows. ``api_key``: when set, every ``/v1`` request must send
+    ``Authorization: Bearer <api_key>``."""
+
+    api_key: str | None = None
+    chat_model_name: str = "viscpm-chat"
+    paint_model_name: str = "viscpm-paint"
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    max_text_chars: int = MAX_TEXT_CHARS
+    max_messages: int = MAX_MESSAGES
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    allow_remote_images: bool = False  # http(s) image URLs; file:// and other schemes never
+    allow_safety_off: bool = False  # may a request turn a safety checker off ("..._safety_checker": false)?
+    remote_image_timeout: float = REMOTE_IMAGE_TIMEOUT_S
+    default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int = MAX_NEW_TOKENS
+    max_beams: int = MAX_BEAMS
+    max_paint_images: int = MAX_PAINT_IMAGES
+    max_paint_side: int = MAX_PAINT_SIDE
+    max_paint_steps: int = MAX_PAINT_STEPS
+    default_paint_steps: int | None = None  # None: the pipeline's default (50, as officially)
+    max_queue: int = MAX_QUEUE
+    request_timeout: float = REQUEST_TIMEOUT_S
+    batch_window_ms: float = BATCH_WINDOW_MS
+    max_batch_size: int = MAX_BATCH_SIZE
+    vision_cache_size: int = VISION_CACHE_SIZE
+
+    def __post_init__(self):
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty; pass a non-empty key or None")
+        for name in ("max_request_bytes", "max_text_chars", "max_messages", "max_image_bytes", "max_image_pixels",
+                     "default_max_new_tokens", "max_new_tokens", "max_beams", "max_paint_images", "max_paint_side",
+                     "max_paint_steps", "max_queue", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError(f"default_max_new_tokens ({self.default_max_new_tokens}) is above max_new_tokens "
+                             f"({self.max_new_tokens})")
+        if not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_binding(host: str, api_key: str | None) -> None:
+    """Refuse to expose a server beyond this machine without an API key."""
+    if not is_loopback(host) and not api_key:
+        raise ValueError(
+            f"binding {host!r} makes the server reachable from other machines, so it needs an API key: pass "
+            "--api-key KEY or set VISCPM_API_KEY (or bind 127.0.0.1 to keep it local)"
+        )

@@ -1,0 +1,47 @@
+"""The models shipped inside the package: they load with no path and still score on ShapesWorld's
+held-out sets (a regression in the shipped weights fails here). Thresholds sit a little under
+the scores measured on the same subsets (README has the full evaluation). They are regression
+guards, far below the issue's targets, which this session's training budget did not reach."""
+from __future__ import annotations
+
+import pytest
+
+from viscpm.pipelines.defaults import default_model_path
+from viscpm.shapes import build_corpora
+from viscpm.shapes.corpus import CorpusSizes
+from viscpm.shapes.evaluate import evaluate_paint, evaluate_qa
+
+pytestmark = pytest.mark.slow
+
+# measured on these subsets with the shipped fp16 weights: QA EN 0.575, ZH 0.60, ZH answered in
+# Chinese 1.0; paint EN shape 0.77 / size 0.90, ZH shape 0.43 / size 0.68 (exact adherence EN 0.10)
+QA_EN, QA_ZH, ZH_LANGUAGE = 0.50, 0.50, 0.90
+PAINT_EN_SHAPE, PAINT_EN_SIZE, PAINT_ZH_SIZE = 0.65, 0.75, 0.55
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory):
+    """The same held-out set `viscpm eval shapes` uses (seed 0), built fresh."""
+    return build_corpora(tmp_path_factory.mktemp("shapes"), seed=0).root / "eval"
+
+
+def test_packaged_chat_answers_in_both_languages(eval_dir):
+    from viscpm import VisCPMChat
+
+    chat = VisCPMChat()
+    assert default_model_path("chat").is_dir()
+    scores = evaluate_qa(chat, eval_dir, limit=240)
+    assert scores["qa_accuracy"]["en"] >= QA_EN
+    assert scores["qa_accuracy"]["zh"] >= QA_ZH
+    assert scores["answer_language_match"]["zh"] >= ZH_LANGUAGE
+
+
+def test_packaged_paint_follows_prompts_in_both_languages(eval_dir):
+    from viscpm import VisCPMPaint
+
+    painter = VisCPMPaint(progress_bar=False)
+    scores = evaluate_paint(painter, eval_dir, limit=60)
+    attributes = scores["paint_attributes"]
+    assert attributes["en"]["shape"] >= PAINT_EN_SHAPE
+    assert attributes["en"]["size"] >= PAINT_EN_SIZE
+    assert attributes["zh"]["size"] >= PAINT_ZH_SIZE

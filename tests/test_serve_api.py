@@ -1,0 +1,259 @@
+"""The OpenAI-compatible API, driven by the official ``openai`` client against a real server over
+the tiny models: answers equal the pipelines' own, streaming, images, models, auth, micro-batching,
+cancellation, the queue limit and the timeout."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from viscpm.prompt import append_turn
+
+from .serve_fixtures import (  # noqa: F401  (fixtures)
+    data_url, image_path, running, server, serve_models_dir, serving, tiny_chat, tiny_paint, wait_idle,
+)
+
+
+def client(url: str, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+def user(text: str, image=None) -> dict:
+    if image is None:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "text", "text": text},
+                                        {"type": "image_url", "image_url": {"url": data_url(image)}}]}
+
+
+# -- chat ------------------------------------------------------------------------------------------
+
+
+def test_chat_answer_is_the_pipelines_beam_search_answer(server, tiny_chat, image_path):
+    reply = client(server).chat.completions.create(
+        model="viscpm-chat", messages=[user("图片里有什么？", image_path)], max_tokens=8)
+    expected = tiny_chat.chat(Image.open(image_path), "图片里有什么？", max_new_tokens=8)[0]  # official beam 3
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.object == "chat.completion" and reply.model == "viscpm-chat"
+    assert reply.usage.completion_tokens > 0 and reply.usage.total_tokens > reply.usage.prompt_tokens
+
+
+def test_multi_turn_history_becomes_the_official_context(server, tiny_chat, image_path, reference):
+    other = reference / "data" / "figures" / "vlu_case2.jpeg"
+    messages = [{"role": "system", "content": "ignored: VisCPM has no system prompt"},
+                user("What is in the image?", image_path),
+                {"role": "assistant", "content": "A <b>cat</b>."},
+                user("这是什么颜色？", other)]  # a new image mid-conversation: the most recent one counts
+    reply = client(server).chat.completions.create(model="viscpm-chat", messages=messages, temperature=0,
+                                                   max_tokens=6)
+    context = append_turn("", "What is in the image?", "A <b>cat</b>.")
+    expected = tiny_chat.chat(Image.open(other), "这是什么颜色？", context, num_beams=1, max_new_tokens=6)[0]
+    assert reply.choices[0].message.content == expected
+
+
+def test_text_only_chat_and_sampling_options(server, tiny_chat):
+    c = client(server)
+    greedy = c.chat.completions.create(model="viscpm-chat", messages=[user("你好")], temperature=0, max_tokens=5)
+    assert greedy.choices[0].message.content == tiny_chat.chat(None, "你好", num_beams=1, max_new_tokens=5)[0]
+    assert greedy.choices[0].finish_reason in ("length", "stop")
+    sampled = [c.chat.completions.create(model="viscpm-chat", messages=[user("你好")], temperature=1.2, top_p=0.9,
+                                         seed=seed, max_tokens=6).choices[0].message.content for seed in (3, 3)]
+    assert sampled[0] == sampled[1]
+    expected = tiny_chat.chat(None, "你好", do_sample=True, temperature=1.2, top_p=0.9, seed=3, max_new_tokens=6)[0]
+    assert sampled[0] == expected
+    beams = c.chat.completions.create(model="viscpm-chat", messages=[user("你好")], max_tokens=5,
+                                      extra_body={"num_beams": 2, "repetition_penalty": 1.3})
+    assert beams.choices[0].message.content == tiny_chat.chat(None, "你好", num_beams=2, repetition_penalty=1.3,
+                                                              max_new_tokens=5)[0]
+
+
+def test_streaming_chinese_arrives_whole_and_equals_the_greedy_answer(server, tiny_chat, image_path):
+    stream = client(server).chat.completions.create(
+        model="viscpm-chat", messages=[user("请详细描述这张图片。", image_path)], stream=True, max_tokens=12,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == tiny_chat.chat(Image.open(image_path), "请详细描述这张图片。", num_beams=1, max_new_tokens=12)[0]
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in text)  # the tiny model's vocab answers with Chinese too
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_sse_events_are_whole_utf8_json(server):
+    body = {"messages": [user("你好，世界")], "stream": True, "max_tokens": 16}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join(response.iter_raw())
+    events = raw.split(b"\n\n")
+    assert events[-2] == b"data: [DONE]" and events[-1] == b""
+    for event in events[:-2]:
+        assert event.startswith(b"data: ")
+        json.loads(event[6:].decode("utf-8"))  # strict: a split character would fail here
+
+
+def test_concurrent_requests_are_batched_and_answer_as_one_at_a_time(tiny_chat, image_path, reference):
+    from viscpm.serve import ServeSettings, create_app
+
+    questions = ["What is in the image?", "图片里有什么？", "Describe it.", "这是什么？", "Any text?", "颜色？"]
+    images = [image_path, None, reference / "data" / "figures" / "vlu_case2.jpeg", image_path, None, image_path]
+    expected = [tiny_chat.chat(Image.open(i) if i else None, q, max_new_tokens=6)[0] for q, i in zip(questions, images)]
+    app = create_app(chat=tiny_chat, settings=ServeSettings(batch_window_ms=300))  # long window: batching is sure
+    with running(app) as url:
+        c = client(url)
+        with ThreadPoolExecutor(len(questions)) as pool:
+            replies = list(pool.map(lambda qi: c.chat.completions.create(
+                model="viscpm-chat", messages=[user(*qi)], max_tokens=6), zip(questions, images)))
+    assert [r.choices[0].message.content for r in replies] == expected
+    assert app.state.workers["chat"].largest_batch > 1
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+
+def test_images_generate_b64_png_with_seeds(server, tiny_paint):
+    result = client(server).images.generate(
+        model="viscpm-paint", prompt="海上生明月", n=2, size="32x32", response_format="b64_json",
+        extra_body={"seed": 7, "num_inference_steps": 3, "negative_prompt": "模糊", "scheduler": "ddim"})
+    assert len(result.data) == 2
+    images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in result.data]
+    assert all(im.format == "PNG" and im.size == (32, 32) for im in images)
+    assert json.loads(images[1].text["viscpm"])["seed"] == 8
+    expected = tiny_paint.paint("海上生明月", "模糊", num_images_per_prompt=2, seed=7, num_inference_steps=3,
+                                scheduler="ddim")
+    assert [im.convert("RGB").tobytes() for im in images] == [r.image.tobytes() for r in expected]
+
+
+def test_images_default_size_and_wide_size(server):
+    c = client(server)
+    square = c.images.generate(prompt="a red circle", extra_body={"num_inference_steps": 2})
+    assert Image.open(io.BytesIO(base64.b64decode(square.data[0].b64_json))).size == (32, 32)
+    wide = c.images.generate(prompt="a red circle", size="48x32", extra_body={"num_inference_steps": 2})
+    assert Image.open(io.BytesIO(base64.b64decode(wide.data[0].b64_json))).size == (48, 32)
+
+
+def test_per_request_pipeline_switches_pass_through(tiny_paint, monkeypatch):
+    """Extra fields that name a keyword of VisCPMPaint.paint reach it when they are switches; others
+    are ignored; turning a safety checker off needs the operator's consent."""
+    seen = {}
+    real = tiny_paint.paint
+
+    def paint(prompt, negative_prompt=None, *, flip: bool = False, image_safety_checker=None, **options):
+        seen.update(options, flip=flip, image_safety_checker=image_safety_checker)
+        return real(prompt, negative_prompt, **options)
+
+    monkeypatch.setattr(tiny_paint, "paint", paint)
+    steps = {"num_inference_steps": 1}
+    with serving(paint=tiny_paint) as url:
+        client(url).images.generate(prompt="x", extra_body={**steps, "flip": True, "foo": 1,
+                                                            "image_safety_checker": True})
+        assert seen["flip"] is True and seen["image_safety_checker"] is True and "foo" not in seen
+        for value in ([1], "/some/folder", 1000):  # switches only: no paths, no counts
+            with pytest.raises(openai.BadRequestError, match="flip must be true, false or null"):
+                client(url).images.generate(prompt="x", extra_body={**steps, "flip": value})
+        with pytest.raises(openai.PermissionDeniedError, match="--allow-safety-off"):
+            client(url).images.generate(prompt="x", extra_body={**steps, "image_safety_checker": False})
+    with serving(paint=tiny_paint, allow_safety_off=True) as url:
+        client(url).images.generate(prompt="x", extra_body={**steps, "image_safety_checker": False})
+        assert seen["image_safety_checker"] is False
+
+
+# -- models, health, auth ---------------------------------------------------------------------------
+
+
+def test_models_and_health(server):
+    c = client(server)
+    assert [m.id for m in c.models.list()] == ["viscpm-chat", "viscpm-paint"]
+    assert c.models.retrieve("viscpm-paint").id == "viscpm-paint"
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="gpt-4o", messages=[user("hi")])
+    health = httpx.get(server + "/health").json()
+    assert health["status"] == "ok" and health["models"] == {"chat": True, "paint": True}
+
+
+def test_missing_model_kind_is_404(tiny_chat):
+    with serving(chat=tiny_chat) as url:
+        with pytest.raises(openai.NotFoundError, match="no paint model"):
+            client(url).images.generate(prompt="x")
+        assert [m.id for m in client(url).models.list()] == ["viscpm-chat"]
+
+
+def test_api_key(tiny_chat):
+    with serving(chat=tiny_chat, api_key="s3cret") as url:
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            client(url, "wrong").models.list()
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/health").status_code == 200  # probes and the page need no key
+        assert httpx.get(url + "/").status_code == 200
+        reply = client(url, "s3cret").chat.completions.create(model="viscpm-chat", messages=[user("hi")], max_tokens=2)
+        assert reply.choices[0].message.content
+
+
+# -- scheduling: cancellation, queue, timeout --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def counting_steps(chat):
+    """Counts the LLM's forward passes (one per decoding step)."""
+    calls = [0]
+    handle = chat.model.llm.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def test_a_client_that_leaves_a_stream_stops_the_generation(server, tiny_chat):
+    body = {"messages": [user("Tell me a long story.")], "stream": True, "max_tokens": 1000}
+    with counting_steps(tiny_chat) as steps:
+        with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as response:
+            assert next(response.iter_lines()).startswith("data: ")
+        wait_idle(server)  # leaving closed the connection; the worker stops at its next token
+    assert steps[0] < 100  # of 1000
+
+
+def test_a_client_that_leaves_a_plain_request_stops_the_generation(server, tiny_chat):
+    body = {"messages": [user("Tell me a long story.")], "max_tokens": 1000}  # beam search, 3 beams
+    with counting_steps(tiny_chat) as steps:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server + "/v1/chat/completions", json=body, timeout=0.3)
+        wait_idle(server)
+    assert steps[0] < 300  # of 1000
+
+
+def test_full_queue_answers_429_and_the_server_recovers(tiny_chat):
+    with serving(chat=tiny_chat, max_queue=1) as url:
+        long_request = {"messages": [user("story")], "max_tokens": 300, "temperature": 0}
+        long = threading.Thread(target=lambda: httpx.post(url + "/v1/chat/completions", json=long_request, timeout=60))
+        long.start()
+        while httpx.get(url + "/health").json()["queue"]["chat"] == 0:
+            time.sleep(0.01)
+        with pytest.raises(openai.RateLimitError, match="queue is full"):
+            client(url).chat.completions.create(model="viscpm-chat", messages=[user("hi")], max_tokens=2)
+        long.join()
+        assert client(url).chat.completions.create(model="viscpm-chat", messages=[user("hi")], max_tokens=2)
+
+
+def test_timeout_answers_504_and_stops_the_work(tiny_chat, tiny_paint):
+    with serving(tiny_chat, tiny_paint, request_timeout=0.3) as url:
+        response = httpx.post(url + "/v1/chat/completions", json={"messages": [user("story")], "max_tokens": 1000},
+                              timeout=60)
+        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        response = httpx.post(url + "/v1/images/generations", json={"prompt": "x", "num_inference_steps": 100,
+                                                                    "size": "64x64"}, timeout=60)
+        assert response.status_code == 504
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
+                          json={"messages": [user("story")], "max_tokens": 1000, "stream": True}) as stream:
+            events = [line for line in stream.iter_lines() if line]
+        assert json.loads(events[-1][6:])["error"]["code"] == "timeout"  # after the headers: an error event
+        wait_idle(url, "chat", 3)
+        wait_idle(url, "paint", 3)
