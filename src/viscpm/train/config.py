@@ -58,7 +58,6 @@ class TrainSection:
     log_every: int = 10
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate)
     gradient_checkpointing: bool = False
-    num_workers: int = 0
 
 
 @dataclass(frozen=True)
