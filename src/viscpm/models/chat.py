@@ -77,7 +77,7 @@ class ChatModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> vision hidden states (B, Q, d_llm) in the LLM's dtype."""
         query_states = self.vision(pixel_values, self.queries)  # (B, Q, d_vision)
-        return self.mapping(query_states).to(self.llm.embed.weight.dtype)
+        return self.mapping(query_states).to(self.llm.dtype)
 
     def embed(
         self,

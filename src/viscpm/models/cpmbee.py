@@ -92,6 +92,13 @@ class RMSNorm(nn.Module):
         return (x * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
 
 
+class TiedEmbedding(nn.Embedding):
+    """The vocabulary matrix, used for the input lookup and (``project``) the output logits."""
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight)
+
+
 class ScaledLinear(nn.Linear):
     """Bias-free linear layer divided by sqrt(fan-in); ``scale_input`` moves the division before
     the matmul (the official FFN output does this, and rounding depends on it). A ``nn.Linear``
@@ -347,7 +354,7 @@ class CPMBee(nn.Module):
     def __init__(self, config: CPMBeeConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.dim_model)
+        self.embed = TiedEmbedding(config.vocab_size, config.dim_model)
         self.position_bias = SegmentPositionBias(config)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_norm = RMSNorm(config.dim_model, config.eps)
@@ -370,15 +377,19 @@ class CPMBee(nn.Module):
 
     def logits(self, hidden_states: torch.Tensor, ext_table_ids: torch.Tensor, ext_table_sub: torch.Tensor) -> torch.Tensor:
         """Tied vocab logits, then one column per ext-table row (its rows already carry 1/sqrt(d))."""
-        vocab = F.linear(hidden_states / math.sqrt(self.config.dim_model), self.embed.weight)
+        vocab = self.embed.project(hidden_states / math.sqrt(self.config.dim_model))
         if ext_table_ids.numel() == 0:
             return vocab
         ext = F.linear(hidden_states, self.embed_tokens(ext_table_ids, ext_table_sub))
         return torch.cat([vocab, ext], dim=-1)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (norms are never quantized, unlike the embedding)."""
+        return self.final_norm.weight.dtype
+
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
-        weight = self.embed.weight
-        return KVCache(self.config, batch_size, capacity, weight.dtype, weight.device)
+        return KVCache(self.config, batch_size, capacity, self.dtype, self.final_norm.weight.device)
 
     def forward(
         self,

@@ -1,0 +1,203 @@
+"""Weight-only int8 / int4 quantization of linear layers (and the tied vocabulary embedding).
+
+Decoding at batch 1 is bound by reading the weights, so storing them in 8 or 4 bits and
+multiplying without first widening them back to floats is what makes it faster.
+
+* CPU: PyTorch's own packed kernels ``torch._weight_int8pack_mm`` (int8, one scale per output
+  channel) and ``torch._weight_int4pack_mm_for_cpu`` (int4, asymmetric, one scale and zero per
+  group of input channels), fed bf16 activations. We measured the maintained libraries first on
+  this machine (torch 2.13, 1 thread, a 2816×1024 linear at batch 1): torchao 0.18's
+  ``Int8WeightOnlyConfig`` streamed 1.2–1.4 GB/s and optimum-quanto 0.2.7's ``qint8`` 7.7 GB/s
+  (as fast as plain bf16, i.e. no gain), while ``_weight_int8pack_mm`` streamed 14.5 GB/s of int8
+  weights (2× bf16's tokens/s). Hence these thin modules around the PyTorch kernels.
+* CUDA: bitsandbytes' ``Linear8bitLt`` / ``Linear4bit`` (NF4) when bitsandbytes is installed.
+
+CPM-Bee's ``ScaledLinear`` divides by sqrt(fan-in); the division is folded into the scales, so a
+quantized layer computes the same function with no extra step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models.cpmbee import CPMBee, ScaledLinear
+
+QUANT_MODES = ("int8", "int4")
+COMPUTE_DTYPE = torch.bfloat16  # the packed CPU kernels are fast with bf16 activations only
+INT4_GROUP_SIZES = (128, 64, 32)  # largest group that divides the input width is used
+# The int8 kernel is a matrix-vector kernel: its time grows with every row, and beyond ~16 rows
+# (prefill, the vision encoder) widening the weight once and calling a GEMM is faster.
+INT8_KERNEL_MAX_ROWS = 16
+
+
+def _output_scale(linear: nn.Linear) -> float:
+    """The factor the layer applies after W·x (ScaledLinear's 1/sqrt(fan-in), else 1)."""
+    return 1.0 / linear.scale if isinstance(linear, ScaledLinear) else 1.0
+
+
+def _effective_weight(linear: nn.Linear) -> torch.Tensor:
+    """The layer's weight as fp32 with the output scale folded in (one layer at a time)."""
+    return linear.weight.detach().float() * _output_scale(linear)
+
+
+class _QuantizedLinear(nn.Module):
+    """Shared plumbing: flatten leading dims, run the packed kernel in bf16, add the bias, cast back."""
+
+    # scales live in buffers that a later ``model.to(dtype)`` may cast; the kernels want bf16,
+    # hence the ``.to(COMPUTE_DTYPE)`` in each matmul (a no-op when nothing was cast)
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().to(COMPUTE_DTYPE))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
+        out = self.matmul(rows)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (int8 weight, fp32 scale per row) with weight ≈ q · scale."""
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class Int8Linear(_QuantizedLinear):
+    """y = (q · s) x + b with int8 q and one bf16 scale per output channel."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, linear.bias)
+        weight, scale = quantize_int8_rows(_effective_weight(linear))
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scale.to(COMPUTE_DTYPE))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_matmul(x, self.weight, self.scales)
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) @ (weight · scales)ᵀ for bf16 x, int8 weight (out, in), a scale per output."""
+    if x.size(0) <= INT8_KERNEL_MAX_ROWS:
+        return torch._weight_int8pack_mm(x, weight, scales.to(COMPUTE_DTYPE))
+    return F.linear(x.float(), weight.float() * scales.float()[:, None]).to(x.dtype)
+
+
+class Int4Linear(_QuantizedLinear):
+    """Asymmetric int4 in groups along the input: w ≈ (q - 8) · s + z per group (the kernel's
+    convention), weights packed by PyTorch for its CPU kernel."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, linear.bias)
+        group = next((g for g in INT4_GROUP_SIZES if linear.in_features % g == 0), None)
+        if group is None:
+            raise ValueError(f"int4 needs an input width divisible by 32; this layer has {linear.in_features}")
+        weight = _effective_weight(linear).view(linear.out_features, -1, group)
+        low, high = weight.amin(dim=-1), weight.amax(dim=-1)
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        q = torch.round((weight - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        self.group_size = group
+        self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(q.view(linear.out_features, -1), 1))
+        # (groups, out, 2): scale and the value that code 8 stands for
+        zeros = low + 8 * scale
+        self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zeros.t()], dim=-1).to(COMPUTE_DTYPE).contiguous())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros.to(COMPUTE_DTYPE))
+
+
+class Int8Embedding(nn.Module):
+    """The tied vocabulary matrix in int8 (one scale per token): looked up for the input and used
+    as the output projection (``project``), which at mid sizes is half of the bytes read per token."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        weight, scale = quantize_int8_rows(embedding.weight.detach().float())
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scale.to(embedding.weight.dtype))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # rows come out in the scales' dtype: the model's, once the model is cast
+        return F.embedding(ids, self.weight).to(self.scales.dtype) * F.embedding(ids, self.scales[:, None])
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden.reshape(-1, self.embedding_dim).to(COMPUTE_DTYPE)
+        out = int8_matmul(rows, self.weight, self.scales)
+        return out.view(*hidden.shape[:-1], self.num_embeddings).to(hidden.dtype)
+
+
+def _bitsandbytes_linear(linear: nn.Linear, mode: str) -> nn.Module:
+    """bitsandbytes' 8-bit (LLM.int8) or NF4 layer holding this layer's weights (CUDA only)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise RuntimeError(f"--quant {mode} on CUDA needs bitsandbytes: pip install bitsandbytes") from None
+    device = linear.weight.device
+    weight = _effective_weight(linear).to(torch.float16)
+    bias = linear.bias is not None
+    if mode == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False)
+    else:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias,
+                                  compute_dtype=torch.bfloat16, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4")
+    if bias:
+        layer.bias = nn.Parameter(linear.bias.detach().to(torch.float16), requires_grad=False)
+    return layer.to(device)  # bitsandbytes quantizes when the parameters move to the GPU
+
+
+def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
+    """The quantized replacement of one linear layer."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    if linear.weight.device.type == "cuda":
+        return _bitsandbytes_linear(linear, mode)
+    if linear.weight.device.type != "cpu":
+        raise ValueError(f"weight-only {mode} runs on CPU (PyTorch kernels) or CUDA (bitsandbytes), "
+                         f"not on {linear.weight.device.type}")
+    return Int8Linear(linear) if mode == "int8" else Int4Linear(linear)
+
+
+def quantize_module(module: nn.Module, mode: str, *, embeddings: bool = True) -> nn.Module:
+    """Replace every ``nn.Linear`` under ``module`` (in place, one layer at a time, so no second
+    full copy of the weights ever exists) and, with ``embeddings``, every CPM-Bee tied embedding
+    by int8 (CPU only: the output projection needs the int8 kernel). Returns ``module``."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, quantize_linear(child, mode))
+        elif embeddings and isinstance(module, CPMBee) and child is module.embed and child.weight.device.type == "cpu":
+            setattr(module, name, Int8Embedding(child))
+        else:
+            quantize_module(child, mode, embeddings=embeddings)
+    return module
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer (the model's resident size)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def place(module: nn.Module, device: str | torch.device, dtype: torch.dtype | None, quant: str | None) -> nn.Module:
+    """Move and cast ``module``, quantizing its layers on the way. On CPU the layers are quantized
+    from the checkpoint's own (memory-mapped) tensors before the rest is cast, so a full fp32 copy
+    never exists; bitsandbytes quantizes on the GPU, so there the move comes first."""
+    device = torch.device(device)
+    if quant is not None and device.type == "cuda":
+        nn.Module.to(module, device=device, dtype=dtype)
+        return quantize_module(module, quant)
+    if quant is not None:
+        quantize_module(module, quant)
+    return nn.Module.to(module, device=device, dtype=dtype)
