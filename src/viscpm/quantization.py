@@ -17,6 +17,8 @@ quantized layer computes the same function with no extra step.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,7 @@ INT4_GROUP_SIZES = (128, 64, 32)  # largest group that divides the input width i
 # The int8 kernel is a matrix-vector kernel: its time grows with every row, and beyond ~16 rows
 # (prefill, the vision encoder) widening the weight once and calling a GEMM is faster.
 INT8_KERNEL_MAX_ROWS = 16
+QUANT_BLOCK_ROWS = 256  # rows quantized at a time
 
 
 def _output_scale(linear: nn.Linear) -> float:
@@ -36,9 +39,11 @@ def _output_scale(linear: nn.Linear) -> float:
     return 1.0 / linear.scale if isinstance(linear, ScaledLinear) else 1.0
 
 
-def _effective_weight(linear: nn.Linear) -> torch.Tensor:
-    """The layer's weight as fp32 with the output scale folded in (one layer at a time)."""
-    return linear.weight.detach().float() * _output_scale(linear)
+def _float_rows(weight: torch.Tensor, factor: float = 1.0):
+    """(start, fp32 block × factor) over blocks of rows: the fp32 temporaries of quantizing stay
+    small (a 10B vocabulary matrix in fp32 alone would be 1.4 GB)."""
+    for start in range(0, weight.size(0), QUANT_BLOCK_ROWS):
+        yield start, weight[start : start + QUANT_BLOCK_ROWS].detach().float() * factor
 
 
 class _QuantizedLinear(nn.Module):
@@ -50,26 +55,31 @@ class _QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("bias", None if bias is None else bias.detach().to(COMPUTE_DTYPE))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        out = self.matmul(rows)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        out = self.matmul(rows).to(x.dtype)
+        if self.bias is not None:  # added in the activations' dtype, whatever the buffer was cast to
+            out = out + self.bias.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (int8 weight, fp32 scale per row) with weight ≈ q · scale."""
-    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+def quantize_int8_rows(weight: torch.Tensor, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of ``weight × factor``: (int8 q, fp32 scale per row), ≈ q · scale."""
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.size(0), dtype=torch.float32)
+    for start, block in _float_rows(weight, factor):
+        block_scale = block.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[start : start + len(block)] = block.div_(block_scale[:, None]).round_().clamp_(-127, 127)
+        scale[start : start + len(block)] = block_scale
+    return q, scale
 
 
 class Int8Linear(_QuantizedLinear):
@@ -77,7 +87,7 @@ class Int8Linear(_QuantizedLinear):
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear.in_features, linear.out_features, linear.bias)
-        weight, scale = quantize_int8_rows(_effective_weight(linear))
+        weight, scale = quantize_int8_rows(linear.weight, _output_scale(linear))
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scale.to(COMPUTE_DTYPE))
 
@@ -101,12 +111,18 @@ class Int4Linear(_QuantizedLinear):
         group = next((g for g in INT4_GROUP_SIZES if linear.in_features % g == 0), None)
         if group is None:
             raise ValueError(f"int4 needs an input width divisible by 32; this layer has {linear.in_features}")
-        weight = _effective_weight(linear).view(linear.out_features, -1, group)
-        low, high = weight.amin(dim=-1), weight.amax(dim=-1)
-        scale = ((high - low) / 15).clamp(min=1e-12)
-        q = torch.round((weight - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        rows, groups = linear.out_features, linear.in_features // group
+        q = torch.empty(rows, groups, group, dtype=torch.uint8)
+        low, scale = torch.empty(rows, groups), torch.empty(rows, groups)
+        for start, block in _float_rows(linear.weight, _output_scale(linear)):
+            block = block.view(len(block), groups, group)
+            block_low, block_high = block.amin(dim=-1), block.amax(dim=-1)
+            block_scale = ((block_high - block_low) / 15).clamp(min=1e-12)
+            end = start + len(block)
+            q[start:end] = block.sub_(block_low[..., None]).div_(block_scale[..., None]).round_().clamp_(0, 15)
+            low[start:end], scale[start:end] = block_low, block_scale
         self.group_size = group
-        self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(q.view(linear.out_features, -1), 1))
+        self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(q.view(rows, -1).to(torch.int32), 1))
         # (groups, out, 2): scale and the value that code 8 stands for
         zeros = low + 8 * scale
         self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zeros.t()], dim=-1).to(COMPUTE_DTYPE).contiguous())
@@ -122,7 +138,7 @@ class Int8Embedding(nn.Module):
     def __init__(self, embedding: nn.Embedding):
         super().__init__()
         self.num_embeddings, self.embedding_dim = embedding.weight.shape
-        weight, scale = quantize_int8_rows(embedding.weight.detach().float())
+        weight, scale = quantize_int8_rows(embedding.weight)
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scale.to(embedding.weight.dtype))
 
@@ -143,7 +159,7 @@ def _bitsandbytes_linear(linear: nn.Linear, mode: str) -> nn.Module:
     except ImportError:
         raise RuntimeError(f"--quant {mode} on CUDA needs bitsandbytes: pip install bitsandbytes") from None
     device = linear.weight.device
-    weight = _effective_weight(linear).to(torch.float16)
+    weight = (linear.weight.detach().float() * _output_scale(linear)).to(torch.float16)
     bias = linear.bias is not None
     if mode == "int8":
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False)
@@ -169,19 +185,26 @@ def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
     return Int8Linear(linear) if mode == "int8" else Int4Linear(linear)
 
 
-def quantize_module(module: nn.Module, mode: str, *, embeddings: bool = True) -> nn.Module:
+def quantize_module(module: nn.Module, mode: str, *, embeddings: bool = True,
+                    on_replaced: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` under ``module`` (in place, one layer at a time, so no second
     full copy of the weights ever exists) and, with ``embeddings``, every CPM-Bee tied embedding
-    by int8 (CPU only: the output projection needs the int8 kernel). Returns ``module``."""
+    by int8 (CPU only: the output projection needs the int8 kernel). ``on_replaced(old)`` is
+    called after each replacement (the loader releases the old weights' file pages there).
+    Returns ``module``."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, quantize_linear(child, mode))
+            replacement = quantize_linear(child, mode)
         elif embeddings and isinstance(module, CPMBee) and child is module.embed and child.weight.device.type == "cpu":
-            setattr(module, name, Int8Embedding(child))
+            replacement = Int8Embedding(child)
         else:
-            quantize_module(child, mode, embeddings=embeddings)
+            quantize_module(child, mode, embeddings=embeddings, on_replaced=on_replaced)
+            continue
+        setattr(module, name, replacement)
+        if on_replaced is not None:
+            on_replaced(child)
     return module
 
 
@@ -191,13 +214,18 @@ def quantized_bytes(module: nn.Module) -> int:
 
 
 def place(module: nn.Module, device: str | torch.device, dtype: torch.dtype | None, quant: str | None) -> nn.Module:
-    """Move and cast ``module``, quantizing its layers on the way. On CPU the layers are quantized
-    from the checkpoint's own (memory-mapped) tensors before the rest is cast, so a full fp32 copy
-    never exists; bitsandbytes quantizes on the GPU, so there the move comes first."""
+    """Move and cast ``module``. On CUDA, ``quant`` quantizes through bitsandbytes after the move
+    (it quantizes on the GPU); on CPU the loader has already quantized layer by layer
+    (``load_weights(quant=...)``), and the casts below leave int8/int4 buffers alone."""
     device = torch.device(device)
+    nn.Module.to(module, device=device, dtype=dtype)
     if quant is not None and device.type == "cuda":
-        nn.Module.to(module, device=device, dtype=dtype)
-        return quantize_module(module, quant)
-    if quant is not None:
         quantize_module(module, quant)
-    return nn.Module.to(module, device=device, dtype=dtype)
+    return module
+
+
+def refuse_quantized(quant: str | None) -> None:
+    """Saved folders hold float weights: quantization is applied when loading (``quant=``)."""
+    if quant is not None:
+        raise ValueError(f"this model was loaded with quant={quant!r}; save float weights instead (load it without "
+                         "quant) and quantize when loading the saved folder")

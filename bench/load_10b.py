@@ -1,0 +1,137 @@
+"""Load the 10B VisCPM-Chat in int8 on a CPU machine, and measure what it costs.
+
+    python bench/load_10b.py                      # int8 (writes a ~21 GB synthetic checkpoint once)
+    python bench/load_10b.py --quant int4 --tokens 4
+
+There is no real checkpoint here, so the script writes a synthetic one in the exact official
+layout: every key, shape and dtype (fp16) of ``../shared/reference/manifest/viscpm_chat_10b.json``,
+random values, saved with ``torch.save`` like the official ``.pt``. Writing it streams through a
+memory-mapped scratch file, so this script never holds the 21 GB itself.
+
+Each measurement runs in a fresh process: load with ``VisCPMChat(path, quant=...)`` (memory-mapped,
+quantized layer by layer, each float layer's pages given back), then answer one question about an
+image greedily. Reported: load time, peak resident memory (``ru_maxrss``: anonymous *and* mapped
+file pages) against the quantized model's own size, and seconds per generated token.
+Not part of CI (it needs ~45 GB of disk and minutes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mid_size import write_vocab
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = REPO.parent / "shared" / "reference" / "manifest" / "viscpm_chat_10b.json"
+
+
+def write_synthetic_checkpoint(path: Path) -> None:
+    """Random fp16 tensors with the official 10B keys and shapes, as one torch.save'd .pt."""
+    keys = json.loads(MANIFEST.read_text())["keys"]
+    total = sum(entry["numel"] for entry in keys.values())
+    backing = path.with_suffix(".values")
+    values = np.memmap(backing, dtype=np.float16, mode="w+", shape=(total,))
+    rng = np.random.default_rng(0)
+    chunk = 1 << 26
+    for start in range(0, total, chunk):  # small random weights, filled chunk by chunk
+        end = min(start + chunk, total)
+        values[start:end] = (rng.standard_normal(end - start, dtype=np.float32) * 0.02).astype(np.float16)
+    values.flush()
+    state, offset = {}, 0
+    for key, entry in keys.items():
+        state[key] = torch.from_numpy(values[offset : offset + entry["numel"]]).view(entry["shape"])
+        offset += entry["numel"]
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").rename(path)
+    del state, values
+    backing.unlink()
+
+
+def rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def child(args) -> None:
+    """One measurement in this (fresh) process; prints a JSON line."""
+    from PIL import Image
+
+    from viscpm.pipelines.chat import VisCPMChat
+    from viscpm.quantization import quantized_bytes
+
+    torch.set_num_threads(args.threads)
+    before = rss_mb("VmRSS")
+    start = time.perf_counter()
+    chat = VisCPMChat(args.checkpoint, vocab_path=args.vocab, quant=args.quant, image_safety_checker=False)
+    load_s = time.perf_counter() - start
+    peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    after_load = {"rss": rss_mb("VmRSS"), "anon": rss_mb("RssAnon"), "file": rss_mb("RssFile")}
+    size = quantized_bytes(chat.model) / 2**20
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    start = time.perf_counter()
+    states = chat.encode_image(image)
+    encode_s = time.perf_counter() - start
+    steps = []
+    hook = chat.model.llm.register_forward_hook(lambda *_: steps.append(time.perf_counter()))
+    start = time.perf_counter()
+    chat.chat(None, "What is in the image?", vision_hidden_states=states, num_beams=1, max_new_tokens=args.tokens)
+    hook.remove()
+    print(json.dumps({
+        "quant": args.quant, "load_s": load_s, "model_mb": size, "rss_before_mb": before,
+        "peak_rss_load_mb": peak_load, "after_load": after_load,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "encode_image_s": encode_s, "prefill_s": steps[0] - start,
+        "s_per_token": (steps[-1] - steps[0]) / max(len(steps) - 1, 1), "tokens": len(steps) - 1,
+    }))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default="/tmp/viscpm-10b", help="where the synthetic checkpoint lives (reused)")
+    parser.add_argument("--quant", default="int8", choices=("int8", "int4"))
+    parser.add_argument("--tokens", type=int, default=8, help="tokens to generate (default 8)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint, vocab = folder / "viscpm_chat_10b.pt", folder / "vocab.txt"
+    if not checkpoint.is_file():
+        start = time.perf_counter()
+        write_synthetic_checkpoint(checkpoint)
+        print(f"wrote {checkpoint} ({checkpoint.stat().st_size / 2**30:.1f} GiB) in {time.perf_counter() - start:.0f} s")
+    if not vocab.is_file():
+        write_vocab(vocab, 86_583)
+    command = [sys.executable, __file__, "--child", "--checkpoint", str(checkpoint), "--vocab", str(vocab),
+               "--quant", args.quant, "--tokens", str(args.tokens), "--threads", str(args.threads)]
+    result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    ratio = result["peak_rss_mb"] / result["model_mb"]
+    print(f"checkpoint {checkpoint.stat().st_size / 2**30:.1f} GiB fp16; {args.threads} threads")
+    print(f"{'quant':5} {'model MiB':>9} {'load s':>7} {'peak RSS MiB':>12} {'peak/model':>10} "
+          f"{'RSS after load (anon+file)':>27} {'image s':>7} {'prefill s':>9} {'s/token':>7}")
+    after = result["after_load"]
+    print(f"{args.quant:5} {result['model_mb']:9.0f} {result['load_s']:7.1f} {result['peak_rss_mb']:12.0f} {ratio:10.2f} "
+          f"{after['rss']:10.0f} ({after['anon']:.0f}+{after['file']:.0f}) {result['encode_image_s']:7.1f} "
+          f"{result['prefill_s']:9.1f} {result['s_per_token']:7.2f}")
+    print(f"peak RSS includes the interpreter and torch ({result['rss_before_mb']:.0f} MiB before loading); "
+          f"peak during loading alone: {result['peak_rss_load_mb']:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
