@@ -11,7 +11,7 @@ from PIL import Image
 
 from viscpm.checkpoints import CheckpointError
 from viscpm.image_processing import ImageError
-from viscpm.pipelines.chat import VisCPMChat, append_turn, cut_at_stop
+from viscpm.pipelines.chat import ContextTooLong, VisCPMChat, append_turn, cut_at_stop
 
 from .test_chat_model import official_tiny_state
 
@@ -142,7 +142,7 @@ def test_question_with_markup_characters_is_escaped(chat, image):
 def test_bad_inputs_give_clear_errors(chat, image, tmp_path):
     with pytest.raises(ValueError, match="question is empty"):
         chat.chat(image, "   ")
-    with pytest.raises(ValueError, match="limit"):
+    with pytest.raises(ContextTooLong, match="context budget is 4,096"):
         chat.chat(image, "why " * 4000)
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
@@ -152,6 +152,45 @@ def test_bad_inputs_give_clear_errors(chat, image, tmp_path):
         chat.chat(image, "What is in the image?", beams=2)
     with pytest.raises(ValueError, match="temperature"):
         chat.chat(image, "What is in the image?", temperature=0)
+
+
+def test_context_budget_counts_prompt_image_and_answer(chat, image, monkeypatch):
+    question = "What is in the image?"
+    needed = chat.check_context(question, has_image=True, max_new_tokens=10)
+    # the image adds its query tokens (and the markup of its field)
+    assert needed >= chat.check_context(question, has_image=False, max_new_tokens=10) + chat.config.query_num
+    assert chat.check_context(question, max_length=16) == needed - 10 + 18  # max_length allows 18 tokens
+    monkeypatch.setattr(chat, "max_context_tokens", needed)
+    assert chat.chat(image, question, max_new_tokens=10)[0]  # exactly at the budget: answered
+    monkeypatch.setattr(chat, "max_context_tokens", needed - 1)
+    with pytest.raises(ContextTooLong) as caught:
+        chat.chat(image, question, max_new_tokens=10)
+    error = caught.value
+    assert (error.tokens, error.budget, error.image_tokens, error.answer_tokens) == (needed, needed - 1, 8, 10)
+    assert f"needs {needed} tokens" in str(error) and "start a new conversation" in str(error)
+    assert "max_context_tokens" in str(error)
+    with pytest.raises(ContextTooLong):  # streaming and batches are held to the same budget
+        next(chat.stream_chat(image, question, max_new_tokens=10))
+    with pytest.raises(ContextTooLong):
+        chat.batch_chat([None, image], ["Hi", question], max_new_tokens=10)
+
+
+def test_context_budget_is_checked_before_any_work(chat, image, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("work was done for a conversation over the budget")
+
+    monkeypatch.setattr(chat, "max_context_tokens", 50)
+    monkeypatch.setattr(chat, "encode_images", must_not_run)
+    monkeypatch.setattr(chat.model.llm, "new_cache", must_not_run)
+    context = "User: Describe the picture.\nAI: A red circle and a blue square.\n" * 3  # a long conversation
+    with pytest.raises(ContextTooLong, match="but the context budget is 50"):
+        chat.chat(image, "And now?", context, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("budget", [0, -5, 2.5, None])
+def test_context_budget_must_be_a_positive_count(budget):
+    with pytest.raises(ValueError, match="max_context_tokens must be a positive number of tokens"):
+        VisCPMChat(max_context_tokens=budget)
 
 
 def test_missing_vocab_and_wrong_vocab(reference, checkpoint_dir, tmp_path):

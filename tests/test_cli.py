@@ -46,6 +46,24 @@ def test_errors_exit_cleanly(model_args, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_context_budget_flag(reference, model_args, capsys):
+    image = str(reference / "data" / "figures" / "vlu_case1.png")
+    assert main(["chat", *model_args, "--image", image, "--max-context-tokens", "40", "What is in the image?"]) == 2
+    assert "the context budget is 40" in capsys.readouterr().err
+    assert main(["chat", *model_args, "--max-context-tokens", "0", "hi"]) == 2
+    assert "max_context_tokens must be a positive number" in capsys.readouterr().err
+
+
+def test_interactive_chat_over_the_budget_suggests_a_new_conversation(model_args):
+    args = build_parser().parse_args(["chat", *model_args, "--max-new-tokens", "4", "--max-context-tokens", "40"])
+    session = "Describe" + " the red circle and the blue square," * 5 + "\nclear\nHi\nstop\n"
+    out = io.StringIO()
+    assert run_chat(args, stdin=io.StringIO(session), stdout=out) == 0
+    text = out.getvalue()
+    assert "context budget is 40" in text and "type `clear` to start a new conversation" in text
+    assert text.count("error: ") == 1  # after `clear`, a short question is answered
+
+
 def test_help_reads_in_both_languages():
     result = subprocess.run([sys.executable, "-m", "viscpm.cli", "chat", "--help"], capture_output=True, text=True)
     assert result.returncode == 0

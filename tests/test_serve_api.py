@@ -47,6 +47,29 @@ def test_chat_answer_is_the_pipelines_beam_search_answer(server, tiny_chat, imag
     assert reply.usage.completion_tokens > 0 and reply.usage.total_tokens > reply.usage.prompt_tokens
 
 
+def test_over_the_context_budget_is_a_400_context_length_exceeded(server, tiny_chat, image_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the image of a request over the budget was encoded")
+
+    question = "What is in the image?"
+    needed = tiny_chat.check_context(question, has_image=True, max_new_tokens=20)
+    monkeypatch.setattr(tiny_chat, "max_context_tokens", needed - 1)
+    monkeypatch.setattr(tiny_chat, "encode_image", must_not_run)
+    for stream in (False, True):  # a stream is refused before its first byte, with the same status
+        with pytest.raises(openai.BadRequestError) as caught:
+            client(server).chat.completions.create(model="viscpm-chat", messages=[user(question, image_path)],
+                                                   max_tokens=20, stream=stream)
+        error = caught.value.body
+        assert (error["code"], error["param"], error["type"]) == \
+            ("context_length_exceeded", "messages", "invalid_request_error")
+        assert f"maximum context length is {needed - 1} tokens" in error["message"]
+        assert f"needs {needed}" in error["message"] and "up to 20 for the completion" in error["message"]
+    monkeypatch.undo()
+    reply = client(server).chat.completions.create(model="viscpm-chat", messages=[user(question, image_path)],
+                                                   max_tokens=20)
+    assert reply.choices[0].message.content  # the server goes on serving
+
+
 def test_multi_turn_history_becomes_the_official_context(server, tiny_chat, image_path, reference):
     other = reference / "data" / "figures" / "vlu_case2.jpeg"
     messages = [{"role": "system", "content": "ignored: VisCPM has no system prompt"},

@@ -83,7 +83,7 @@ CASES = [
         {"role": "assistant", "content": [{"type": "text", "text": "x"}, image(data_url(SMALL_PNG))]},
         {"role": "user", "content": "and?"}]}, AUTH, 400, "invalid_message"),
     ("over-long-conversation", CHAT, text("猫" * 17_000), AUTH, 400, "prompt_too_long"),
-    ("over-3000-tokens", CHAT, text("cat " * 3_600), AUTH, 400, "invalid_request"),
+    ("over-the-context-budget", CHAT, text("cat " * 3_600, max_tokens=1_000), AUTH, 400, "context_length_exceeded"),
     ("too-many-messages", CHAT, {"messages": [{"role": "user", "content": "hi"}] * 65}, AUTH, 400,
      "too_many_messages"),
     ("corrupt-image", CHAT, chat(image(data_url(b"\x89PNG\r\n\x1a\n" + bytes(range(200))))), AUTH, 400,

@@ -21,7 +21,8 @@ from viscpm.serve import ServeSettings, check_binding, is_loopback
 from viscpm.serve.app import chat_options, paint_options
 from viscpm.serve.conversation import to_turn
 from viscpm.serve.errors import ApiError
-from viscpm.serve.images import decode_image
+from viscpm.serve.images import DecodedImage, decode_image
+from viscpm.serve.runners import ChatRunner, ChatWork
 from viscpm.serve.schemas import ChatCompletionRequest, ImageGenerationRequest, Message
 from viscpm.serve.worker import Job, QueueFull, Worker
 
@@ -237,6 +238,63 @@ def test_worker_skips_cancelled_jobs_and_survives_errors():
     assert ok == ("done", 42) and pending == 0
 
 
+class EncodeCounter:
+    """The tiny chat pipeline, counting vision calls; images of the colour ``bad`` fail to encode."""
+
+    def __init__(self, chat, bad=None):
+        self.chat, self.bad, self.calls = chat, bad, []
+
+    def _refuse(self, images):
+        if any(image.getpixel((0, 0)) == self.bad for image in images):
+            raise ValueError("this image cannot be encoded")
+
+    def encode_image(self, image):
+        self.calls.append(1)
+        self._refuse([image])
+        return self.chat.encode_image(image)
+
+    def encode_images(self, images):
+        self.calls.append(len(images))
+        self._refuse(images)
+        return self.chat.encode_images(images)
+
+    def __getattr__(self, name):  # check_context, batch_chat, ...
+        return getattr(self.chat, name)
+
+
+def run_chat_batch(runner: ChatRunner, images: list) -> list[tuple[str, object]]:
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        works = [ChatWork(DecodedImage(image, str(image.getpixel((0, 0)))), "What is in the image?", "",
+                          {"num_beams": 1, "max_new_tokens": 4}, {}) for image in images]
+        jobs = [Job(runner.run_batch, work, time.monotonic() + 60, loop, "key") for work in works]
+        runner.run_batch(jobs)
+        return [await job.events.get() for job in jobs]
+
+    return asyncio.run(scenario())
+
+
+def test_a_batch_encodes_its_new_images_together(tiny_chat):
+    images = [Image.new("RGB", (32, 32), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    chat = EncodeCounter(tiny_chat)
+    runner = ChatRunner(chat, cache_size=16)
+    events = run_chat_batch(runner, images)
+    assert chat.calls == [3]  # one vision forward for the three requests
+    expected = [tiny_chat.chat(image, "What is in the image?", num_beams=1, max_new_tokens=4)[0] for image in images]
+    assert events == [("done", answer) for answer in expected]
+    run_chat_batch(runner, images)
+    assert chat.calls == [3]  # the same images again: from the cache
+
+
+def test_a_bad_image_in_a_batch_fails_its_own_request_only(tiny_chat):
+    images = [Image.new("RGB", (32, 32), colour) for colour in ((255, 0, 0), (9, 9, 9), (0, 0, 255))]
+    chat = EncodeCounter(tiny_chat, bad=(9, 9, 9))
+    events = run_chat_batch(ChatRunner(chat, cache_size=16), images)
+    assert chat.calls == [3, 1, 1, 1]  # together first; on the error one by one
+    assert [kind for kind, _ in events] == ["done", "error", "done"]
+    assert "cannot be encoded" in str(events[1][1])
+
+
 # -- the pipelines' cancellation hook ----------------------------------------------------------------
 
 
@@ -280,6 +338,17 @@ def test_serve_builds_the_app_from_flags(reference, serve_models_dir, monkeypatc
     monkeypatch.setenv("VISCPM_API_KEY", "from-env")
     assert build_serve_app(serve_args(reference, serve_models_dir, "--host", "0.0.0.0")).state.settings.api_key \
         == "from-env"
+
+
+def test_serve_max_context_tokens_reaches_the_pipeline(reference, serve_models_dir, monkeypatch):  # noqa: F811
+    monkeypatch.delenv("VISCPM_API_KEY", raising=False)
+    app = build_serve_app(serve_args(reference, serve_models_dir, "--max-context-tokens", "30"))
+    with running(app) as url:
+        body = {"messages": [{"role": "user", "content": "What is in the image?"}], "max_tokens": 20}
+        response = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert "maximum context length is 30 tokens" in response.json()["error"]["message"]
 
 
 def test_serve_refuses_an_open_address_without_a_key(reference, serve_models_dir, monkeypatch, capsys):  # noqa: F811

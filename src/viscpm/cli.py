@@ -33,8 +33,15 @@ examples / 示例:
   viscpm chat --image cat.png "图片里有什么？" --sample --temperature 0.8 --seed 1
   viscpm chat --image cat.png                      # interactive / 多轮对话"""
 
+CONTEXT_BUDGET_HELP = ("most tokens one conversation may hold: prompt + image queries + the longest answer asked "
+                       "for (default 4096); a longer one is refused before any memory is allocated")
 QUIT_COMMANDS = {"stop", "退出"}
 CLEAR_COMMANDS = {"clear", "清空"}
+
+
+def _or_default(value, default):
+    """A flag's value, or the library default it leaves out (defaults live in modules --help must not import)."""
+    return default if value is None else value
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +68,8 @@ def _add_chat_parser(commands) -> None:
     decoding.add_argument("--max-new-tokens", type=int, default=256)
     decoding.add_argument("--repetition-penalty", type=float, default=1.1)
     decoding.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    decoding.add_argument("--max-context-tokens", type=int, default=None, metavar="N",
+                          help=CONTEXT_BUDGET_HELP)
     safety = parser.add_argument_group("safety")
     _add_image_checker_option(safety)
     parser.set_defaults(run=run_chat)
@@ -83,9 +92,11 @@ def _generation_options(args: argparse.Namespace) -> dict:
 
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    from .pipelines.chat import VisCPMChat, append_turn
+    from .pipelines.chat import DEFAULT_MAX_CONTEXT_TOKENS, ContextTooLong, VisCPMChat, append_turn
 
-    chat = VisCPMChat(args.model, args.config, args.vocab, device=args.device, image_safety_checker=args.image_checker)
+    chat = VisCPMChat(args.model, args.config, args.vocab, device=args.device,
+                      image_safety_checker=args.image_checker,
+                      max_context_tokens=_or_default(args.max_context_tokens, DEFAULT_MAX_CONTEXT_TOKENS))
     options = _generation_options(args)
     if args.question is not None:
         answer, _, _ = chat.chat(args.image, args.question, **options)
@@ -132,6 +143,8 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
         except KeyboardInterrupt:  # keep what was written, so the conversation reads as the user saw it
             print(" (interrupted / 已中断)", file=stdout)
             context = append_turn(context, question, "".join(pieces))
+        except ContextTooLong as error:  # only a new conversation helps here
+            print(f"\nerror: {error}\n(type `clear` to start a new conversation / 输入 clear 开始新对话)", file=stdout)
         except ValueError as error:  # bad image or prompt: say so and keep the conversation
             print(f"\nerror: {error}", file=stdout)
 
@@ -420,6 +433,7 @@ def _add_serve_parser(commands) -> None:
                      help=f"chat requests decoded together (default {limits.MAX_BATCH_SIZE}; 1 turns batching off)")
     lim.add_argument("--max-tokens", type=int, default=limits.MAX_NEW_TOKENS,
                      help=f"largest max_tokens a request may ask (default {limits.MAX_NEW_TOKENS})")
+    lim.add_argument("--max-context-tokens", type=int, default=None, metavar="N", help=CONTEXT_BUDGET_HELP)
     lim.add_argument("--max-request-mb", type=float, default=limits.MAX_REQUEST_BYTES / 2**20,
                      help=f"largest request body in MiB (default {limits.MAX_REQUEST_BYTES / 2**20:g})")
     parser.set_defaults(run=run_serve)
@@ -442,9 +456,10 @@ def build_serve_app(args: argparse.Namespace):
     chat = paint = None
     try:
         if not args.no_chat:
-            from .pipelines.chat import VisCPMChat
+            from .pipelines.chat import DEFAULT_MAX_CONTEXT_TOKENS, VisCPMChat
 
-            chat = VisCPMChat(args.chat, args.chat_config, args.chat_vocab, device=args.device)
+            chat = VisCPMChat(args.chat, args.chat_config, args.chat_vocab, device=args.device,
+                              max_context_tokens=_or_default(args.max_context_tokens, DEFAULT_MAX_CONTEXT_TOKENS))
         if not args.no_paint:
             from .pipelines.paint import VisCPMPaint
 

@@ -44,12 +44,33 @@ from .defaults import default_model_path
 
 logger = logging.getLogger(__name__)
 
-MAX_PROMPT_TOKENS = 3000  # the official max_inp_length; longer prompts are refused, not truncated
+# The context budget: prompt tokens (image queries included) + the longest answer asked for. The KV
+# cache and the prefill's attention scale with it, so it is checked before any of them is allocated.
+# 4096 fits everything the official model accepts (a 3000-token max_inp_length prompt + its default
+# max_length=512 answer of up to 514 tokens = 3514), and a 3000-token prompt with the server's longest
+# answer (1024 tokens); longer contexts are refused, never truncated.
+DEFAULT_MAX_CONTEXT_TOKENS = 4096
 GENERATION_ALIASES = {"beam_size": "num_beams"}  # official option names
 
 
 class RefusedImage(Refused):
     """The image safety checker flagged the input image; no answer was given. ``reason`` says why."""
+
+
+class ContextTooLong(ValueError):
+    """A conversation's context (prompt + image queries + the longest answer asked for) is over the
+    pipeline's ``max_context_tokens``; nothing was computed. The counts are attributes, so a server
+    can word its own message."""
+
+    def __init__(self, prompt_tokens: int, image_tokens: int, answer_tokens: int, budget: int):
+        self.prompt_tokens, self.image_tokens, self.answer_tokens = prompt_tokens, image_tokens, answer_tokens
+        self.tokens, self.budget = prompt_tokens + answer_tokens, budget
+        super().__init__(
+            f"the conversation needs {self.tokens:,} tokens of context ({prompt_tokens:,} of prompt, "
+            f"{image_tokens} of them image queries, + up to {answer_tokens:,} new tokens) but the context budget "
+            f"is {budget:,}; start a new conversation (or shorten this one), ask for fewer new tokens "
+            "(max_new_tokens), or raise the budget (max_context_tokens; --max-context-tokens on the command line)"
+        )
 
 
 def generation_config(**options) -> GenerationConfig:
@@ -104,7 +125,14 @@ class VisCPMChat:
     else off (logged); ``True`` NudeNet or an error; a folder: the official Stable Diffusion
     safety checker; ``False`` off (the official default); or a callable ``(PIL.Image) -> bool |
     SafetyResult``. Every method that takes images also takes ``image_safety_checker=`` for one
-    call (None keeps this one, False turns it off, True turns it on, a callable replaces it)."""
+    call (None keeps this one, False turns it off, True turns it on, a callable replaces it).
+
+    ``max_context_tokens``: the most tokens one conversation may hold, counting the prompt (the
+    context so far, the question and the image's query tokens) and the longest answer asked for
+    (``max_new_tokens``, or ``max_length + 2``). Longer conversations raise :class:`ContextTooLong`
+    before the image is encoded or any cache is allocated. Memory grows with it: the KV cache holds
+    ``2 × layers × d_model`` values per token and per row (a row per beam), e.g. 0.75 MiB per token
+    in bf16 for the 10B model."""
 
     def __init__(
         self,
@@ -116,7 +144,11 @@ class VisCPMChat:
         dtype: torch.dtype | None = None,
         image_safety_checker: bool | str | os.PathLike | ImageChecker | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
     ):
+        if not (isinstance(max_context_tokens, int) and max_context_tokens >= 1):
+            raise ValueError(f"max_context_tokens must be a positive number of tokens, got {max_context_tokens!r}")
+        self.max_context_tokens = max_context_tokens
         self.image_safety_checker: ImageChecker | None = load_image_checker(image_safety_checker)
         self._default_checker: ImageChecker | None = None  # loaded when a call turns the checker on
         if model_path is None:  # the packaged model is stored in fp16 to stay small; run it in fp32
@@ -173,6 +205,33 @@ class VisCPMChat:
         pixel_values = self.transform([self._load(image, checker) for image in images]).to(self.device)
         return self.model.encode_images(pixel_values.to(self.model.vision.patch_embed.weight.dtype))
 
+    def _pack(self, questions: Sequence[str], contexts: Sequence[str], has_image: Sequence[bool],
+              answer_tokens: int) -> GenerationPrompt:
+        """The prompt batch, refused when a conversation is over the context budget. Tokenizing only:
+        no image is encoded and no cache allocated before this check."""
+        for question in questions:
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError("the question is empty; ask something about the image")
+        query_nums = [self.config.query_num if image else 0 for image in has_image]
+        prompt = pack_for_generation(
+            self.tokenizer,
+            [{"context": c, "question": CPMBeeTokenizer.escape(q)} for c, q in zip(contexts, questions)],
+            query_nums,
+        )
+        for length, queries in zip(prompt.inputs.length.tolist(), query_nums):
+            if length + answer_tokens > self.max_context_tokens:
+                raise ContextTooLong(length, queries, answer_tokens, self.max_context_tokens)
+        return prompt
+
+    def check_context(self, question: str, context: str = "", *, has_image: bool = True,
+                      **generation_options) -> int:
+        """The context tokens one turn needs (prompt + image queries + the longest answer the options
+        ask for); raises :class:`ContextTooLong` over the budget. Cheap: it only tokenizes, so a
+        server can refuse a request before encoding its image."""
+        answer_tokens = generation_config(**generation_options).last_step + 1
+        prompt = self._pack([question], [context], [has_image], answer_tokens)
+        return int(prompt.inputs.length[0]) + answer_tokens
+
     def _prepare(
         self,
         images: Sequence[ImageInput | None],
@@ -180,24 +239,18 @@ class VisCPMChat:
         contexts: Sequence[str],
         vision_hidden_states: Sequence[torch.Tensor | None],
         image_safety_checker=None,
+        answer_tokens: int = 0,
     ) -> tuple[GenerationPrompt, torch.Tensor, list[torch.Tensor | None]]:
-        """Pack the prompts, encode the images that have no states yet, inject them."""
-        for question in questions:
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError("the question is empty; ask something about the image")
+        """Pack the prompts (``answer_tokens``: the longest answer, counted against the context budget),
+        encode the images that have no states yet, inject them."""
         states: list[torch.Tensor | None] = list(vision_hidden_states)
+        has_image = [s is not None or image is not None for image, s in zip(images, states)]
+        prompt = self._pack(questions, contexts, has_image, answer_tokens).to(self.device)
         to_encode = [i for i, (image, s) in enumerate(zip(images, states)) if s is None and image is not None]
         if to_encode:
             encoded = self.encode_images([images[i] for i in to_encode], image_safety_checker=image_safety_checker)
             for row, i in enumerate(to_encode):
                 states[i] = encoded[row : row + 1]
-        has_image = [s is not None for s in states]
-        prompt = pack_for_generation(
-            self.tokenizer,
-            [{"context": c, "question": CPMBeeTokenizer.escape(q)} for c, q in zip(contexts, questions)],
-            [self.config.query_num if image else 0 for image in has_image],
-            max_inp_length=MAX_PROMPT_TOKENS,
-        ).to(self.device)
         inputs = prompt.inputs
         image_states = [s.to(self.device) for s in states if s is not None]
         vision = torch.cat(image_states) if image_states else None
@@ -216,7 +269,8 @@ class VisCPMChat:
         # it to stop work for a client that left or timed out)
         should_stop = options.pop("should_stop", None)
         config = generation_config(**options)
-        prompt, embeds, states = self._prepare(images, questions, contexts, vision_hidden_states, image_safety_checker)
+        prompt, embeds, states = self._prepare(images, questions, contexts, vision_hidden_states, image_safety_checker,
+                                               config.last_step + 1)
         if config.do_sample or config.num_beams == 1:
             answers: list[AnswerTokens] = [[] for _ in questions]
             for step, produced in enumerate(stream_tokens(self.model.llm, prompt, config, embeds)):
@@ -288,7 +342,8 @@ class VisCPMChat:
         """
         generation_options.setdefault("num_beams", 1)
         config = generation_config(**generation_options)
-        prompt, embeds, _ = self._prepare([image], [question], [context], [vision_hidden_states], image_safety_checker)
+        prompt, embeds, _ = self._prepare([image], [question], [context], [vision_hidden_states], image_safety_checker,
+                                          config.last_step + 1)
         table = prompt.rev_ext_tables[0]
         cutter = _StopText(config.stop)
         tokens = stream_tokens(self.model.llm, prompt, config, embeds)

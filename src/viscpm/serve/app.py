@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__
 from ..generation import GenerationCancelled
-from ..pipelines.chat import generation_config
+from ..pipelines.chat import ContextTooLong, generation_config
 from .conversation import to_turn
 from .errors import ApiError, bad_request
 from .images import decode_image
@@ -185,6 +185,11 @@ def as_api_error(error: BaseException, job: Job | None = None, timeout: float | 
         return ApiError(499, "the request was cancelled", "cancelled")
     if any(cls.__name__ in ("Refused", "RefusedPrompt", "RefusedImage") for cls in type(error).__mro__):
         return ApiError(400, str(error), "content_policy_violation")  # a safety checker said no
+    if isinstance(error, ContextTooLong):  # worded and coded as OpenAI does
+        return ApiError(400, f"this model's maximum context length is {error.budget:,} tokens, but this request needs "
+                        f"{error.tokens:,} ({error.prompt_tokens:,} in the messages, {error.image_tokens} of them image "
+                        f"query tokens, and up to {error.answer_tokens:,} for the completion); start a new conversation "
+                        "or shorten it, or ask for fewer max_tokens", "context_length_exceeded", "messages")
     if isinstance(error, ValueError):  # the pipelines' input errors (prompt too long, bad size, bad image, ...)
         return bad_request(str(error))
     logger.error("internal error", exc_info=error)

@@ -44,23 +44,54 @@ class ChatRunner:
         self._cache: collections.OrderedDict = collections.OrderedDict()
         encode = getattr(chat, "encode_image", None)
         self._encode_options = set(inspect.signature(encode).parameters) if encode is not None else set()
+        self._check_context = getattr(chat, "check_context", None)
+        self._encode_many = getattr(chat, "encode_images", None)
+
+    def _check(self, work: ChatWork) -> None:
+        """Refuse a conversation over the pipeline's context budget before its image is encoded."""
+        if self._check_context is not None:
+            self._check_context(work.question, work.context, has_image=work.image is not None, **work.options)
+
+    def _cache_key(self, work: ChatWork):
+        """None when the image's states are not cached (no image, no cache); else the image and the
+        pass-through options that act when it is encoded (a safety switch, say)."""
+        if work.image is None or self.cache_size <= 0 or not self._encode_options:
+            return None
+        extras = {k: v for k, v in work.extras.items() if k in self._encode_options}
+        return work.image.key, tuple(sorted(extras.items()))
+
+    def _remember(self, key, states) -> None:
+        self._cache[key] = states
+        self._cache.move_to_end(key)
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
 
     def _states(self, work: ChatWork):
         """The image's vision states, from the cache when this image was encoded before with the same
-        pass-through options (a safety switch, say: the check runs when the image is encoded)."""
-        image = work.image
-        if image is None or self.cache_size <= 0 or not self._encode_options:
+        pass-through options."""
+        key = self._cache_key(work)
+        if key is None:
             return None
-        extras = {k: v for k, v in work.extras.items() if k in self._encode_options}
-        key = (image.key, tuple(sorted(extras.items())))
         states = self._cache.get(key)
         if states is None:
-            states = self.chat.encode_image(image.image, **extras)
-            self._cache[key] = states
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
+            states = self.chat.encode_image(work.image.image, **dict(key[1]))
+        self._remember(key, states)
         return states
+
+    def _encode_together(self, works: list[ChatWork]) -> None:
+        """Cache the new images of a batch with one vision forward instead of one per request. On
+        any error nothing is cached, and ``_states`` encodes them one by one, so that a bad image
+        fails its own request only."""
+        keys = {key: work for work in works if (key := self._cache_key(work)) is not None and key not in self._cache}
+        if len(keys) < 2 or len(keys) > self.cache_size or self._encode_many is None:
+            return
+        options = dict(next(iter(keys))[1])  # jobs batch together only when their options are equal
+        try:
+            encoded = self._encode_many([work.image.image for work in keys.values()], **options)
+        except Exception:
+            return
+        for row, key in enumerate(keys):
+            self._remember(key, encoded[row : row + 1])
 
     def _answer(self, jobs: list[Job], states: list) -> list[str]:
         works: list[ChatWork] = [job.payload for job in jobs]
@@ -74,8 +105,16 @@ class ChatRunner:
         """Answer several non-streamed requests with one ``batch_chat`` call (the answers equal
         one-at-a-time answers). If the batch fails, each job runs alone, so one bad request
         (e.g. an over-long prompt) gets its own error and the others their answers."""
-        ready, states = [], []
+        within_budget = []
         for job in jobs:
+            try:
+                self._check(job.payload)
+                within_budget.append(job)
+            except Exception as error:  # an over-long conversation fails its own request only
+                job.put("error", error)
+        self._encode_together([job.payload for job in within_budget])
+        ready, states = [], []
+        for job in within_budget:
             try:
                 states.append(self._states(job.payload))
                 ready.append(job)
@@ -102,6 +141,7 @@ class ChatRunner:
         """Stream one answer piece by piece; stops at the next piece once the job is cancelled."""
         (job,) = jobs
         work: ChatWork = job.payload
+        self._check(work)
         stream = self.chat.stream_chat(work.image.image if work.image else None, work.question, work.context,
                                        self._states(work), **work.options, **work.extras)
         try:
