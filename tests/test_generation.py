@@ -25,7 +25,7 @@ class BigramLLM(nn.Module):
         for current, following in chain.items():
             self.table[current, following] = 4.0
 
-    def new_cache(self, batch_size, capacity):
+    def new_cache(self, batch_size, capacity, device=None):
         class NoCache:
             def reorder(self, index):
                 pass

@@ -157,3 +157,24 @@ def test_int8_loading_peaks_near_the_quantized_size(tmp_path):
     assert int8["grew"] - plain["grew"] <= 1.3 * int8["model"], results
     # without quantization the model is the mapped fp16 file itself: about twice the int8 size
     assert plain["model"] > 1.8 * int8["model"]
+
+
+def test_layers_offloaded_to_disk_give_the_same_answer(official_pt, image, tmp_path):
+    """accelerate's dispatch with most layers on disk (read back at every forward)."""
+    plain = VisCPMChat(official_pt)
+    placement = {"vision": "cpu", "queries": "cpu", "mapping": "cpu", "llm.embed": "cpu", "llm.position_bias": "cpu",
+                 "llm.layers.0": "disk", "llm.layers.1": "disk", "llm.final_norm": "disk"}
+    offloaded = VisCPMChat(official_pt, device_map=placement, offload_folder=tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"index.json", "llm.layers.0.attn.q.weight.dat"}
+    assert offloaded.model.llm.layers[0].attn.q.weight.device.type == "meta"  # not held in memory
+    assert answer(offloaded, image) == answer(plain, image)
+
+
+def test_placements_that_cannot_work_are_refused(official_pt, tmp_path):
+    with pytest.raises(ValueError, match="offload_folder"):
+        VisCPMChat(official_pt, device_map={"vision": "cpu", "queries": "cpu", "mapping": "cpu", "llm": "disk"})
+    # (accelerate keeps room for the largest layer, here the 11 MB vocabulary: nothing fits in 8 MB)
+    with pytest.raises(ValueError, match="no room"):
+        VisCPMChat(official_pt, device_map="auto", max_memory={"cpu": "8MB"}, offload_folder=tmp_path)
+    with pytest.raises(ValueError, match="device_map must be"):
+        VisCPMChat(official_pt, device_map="balanced")

@@ -44,11 +44,18 @@ def _or_default(value, default):
     return default if value is None else value
 
 
+def _add_quant_option(parser) -> None:
+    parser.add_argument("--quant", choices=("int8", "int4"),
+                        help="weight-only quantization of the language model's linear layers (chat: also the "
+                             "vision encoder): less memory, faster CPU decoding (default: off)")
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="official .pt checkpoint or a saved folder (default: the packaged model)")
     parser.add_argument("--config", help="config JSON, when the checkpoint has none beside it")
     parser.add_argument("--vocab", help="CPM-Bee vocab (default: vocab.txt beside the checkpoint)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    _add_quant_option(parser)
 
 
 def _add_chat_parser(commands) -> None:
@@ -94,7 +101,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     from .pipelines.chat import DEFAULT_MAX_CONTEXT_TOKENS, ContextTooLong, VisCPMChat, append_turn
 
-    chat = VisCPMChat(args.model, args.config, args.vocab, device=args.device,
+    chat = VisCPMChat(args.model, args.config, args.vocab, device=args.device, quant=args.quant,
                       image_safety_checker=args.image_checker,
                       max_context_tokens=_or_default(args.max_context_tokens, DEFAULT_MAX_CONTEXT_TOKENS))
     options = _generation_options(args)
@@ -287,7 +294,7 @@ def run_paint(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     painter = VisCPMPaint(args.model, image_safety_checker=args.image_checker, prompt_safety_checker=prompt_checker,
                           add_ranker=args.ranker, vocab_path=args.vocab, vae_path=args.vae, config_path=args.config,
                           memory=MemoryOptions(args.attention_slicing, args.vae_slicing, args.vae_tiling),
-                          device=args.device)
+                          device=args.device, quant=args.quant)
     results = painter.paint(args.prompt, args.negative, num_images_per_prompt=args.num_images,
                             guidance_scale=args.guidance, num_inference_steps=args.steps,
                             height=args.height or args.size, width=args.width or args.size,
@@ -328,6 +335,7 @@ def _add_eval_parser(commands) -> None:
     shapes.add_argument("--data", help="a ShapesWorld folder from `viscpm data shapes` (default: build one, seed 0)")
     shapes.add_argument("--limit", type=int, default=None, help="use only the first N items of each set")
     shapes.add_argument("--out", help="write the metrics as JSON here")
+    _add_quant_option(shapes)
     shapes.set_defaults(run=run_eval_shapes)
     rerank = kinds.add_parser(
         "rerank", help="paint adherence on ShapesWorld with and without reranking",
@@ -358,14 +366,14 @@ def run_eval_shapes(args: argparse.Namespace) -> int:
         if not args.skip_chat:
             from .pipelines.chat import VisCPMChat
 
-            chat = VisCPMChat(args.chat, image_safety_checker=False)
+            chat = VisCPMChat(args.chat, image_safety_checker=False, quant=args.quant)
             metrics.update(evaluate_qa(chat, eval_dir, args.limit))
             metrics.update(evaluate_captions(chat, eval_dir, args.limit))
         if not args.skip_paint:
             from .pipelines.paint import VisCPMPaint
 
             painter = VisCPMPaint(args.paint, image_safety_checker=False, prompt_safety_checker=False,
-                                  add_ranker=False, progress_bar=False)
+                                  add_ranker=False, progress_bar=False, quant=args.quant)
             metrics.update(evaluate_paint(painter, eval_dir, args.limit))
     text = json.dumps(metrics, indent=2, ensure_ascii=False)
     if args.out:
@@ -414,6 +422,7 @@ def _add_serve_parser(commands) -> None:
     models.add_argument("--no-ranker", action="store_true",
                         help="turn paint reranking off (default: the bundled ranker when there is one)")
     models.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    _add_quant_option(models)
     network = parser.add_argument_group("network")
     network.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     network.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -458,7 +467,7 @@ def build_serve_app(args: argparse.Namespace):
         if not args.no_chat:
             from .pipelines.chat import DEFAULT_MAX_CONTEXT_TOKENS, VisCPMChat
 
-            chat = VisCPMChat(args.chat, args.chat_config, args.chat_vocab, device=args.device,
+            chat = VisCPMChat(args.chat, args.chat_config, args.chat_vocab, device=args.device, quant=args.quant,
                               max_context_tokens=_or_default(args.max_context_tokens, DEFAULT_MAX_CONTEXT_TOKENS))
         if not args.no_paint:
             from .pipelines.paint import VisCPMPaint
@@ -469,7 +478,8 @@ def build_serve_app(args: argparse.Namespace):
             if args.no_ranker:
                 switches["add_ranker"] = False
             paint = VisCPMPaint(args.paint, vocab_path=args.paint_vocab, vae_path=args.vae,
-                                config_path=args.paint_config, device=args.device, progress_bar=False, **switches)
+                                config_path=args.paint_config, device=args.device, quant=args.quant,
+                                progress_bar=False, **switches)
     except FileNotFoundError as error:  # most often: no packaged model yet
         raise FileNotFoundError(f"{error} (viscpm serve: pass --chat/--paint MODEL, or --no-chat/--no-paint)") from None
     return create_app(chat=chat, paint=paint, settings=settings)
@@ -512,6 +522,45 @@ def run_eval_rerank(args: argparse.Namespace) -> int:
     return 0
 
 
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def _add_convert_parser(commands) -> None:
+    parser = commands.add_parser(
+        "convert", help="official checkpoint -> sharded safetensors folder / 转换权重",
+        description="Rewrite an official VisCPM .pt (or any checkpoint we read) as a folder of safetensors shards "
+                    "with config.json and vocab.txt (and vae/ for paint). The source is memory-mapped and written "
+                    "shard by shard; the folder then loads instantly (also memory-mapped), e.g. "
+                    "`viscpm chat --model OUT --quant int8`.")
+    parser.add_argument("kind", choices=("chat", "paint"), help="which model the checkpoint holds")
+    parser.add_argument("source", help="official .pt checkpoint or a saved folder")
+    parser.add_argument("output", help="folder to write")
+    parser.add_argument("--config", help="config JSON, when the checkpoint has none beside it")
+    parser.add_argument("--vocab", help="CPM-Bee vocab (default: vocab.txt beside the checkpoint)")
+    parser.add_argument("--vae", help="paint: the VAE folder (default: vae/ beside the checkpoint)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating weights (default: keep the checkpoint's)")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest shard (default 2GB)")
+    parser.set_defaults(run=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    if args.kind == "chat":
+        from .pipelines.chat import VisCPMChat
+
+        model = VisCPMChat(args.source, args.config, args.vocab, image_safety_checker=False)
+    else:
+        from .pipelines.paint import VisCPMPaint
+
+        model = VisCPMPaint(args.source, image_safety_checker=False, prompt_safety_checker=False, add_ranker=False,
+                            vocab_path=args.vocab, vae_path=args.vae, config_path=args.config)
+    folder = model.save_pretrained(args.output, dtype=dtype, max_shard_size=args.max_shard_size)
+    print(f"wrote {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="viscpm", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -528,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 SUBCOMMANDS: list[Callable] = [
     _add_chat_parser, _add_paint_parser, _add_serve_parser, _add_train_parser, _add_plot_parser, _add_data_parser,
-    _add_eval_parser,
+    _add_eval_parser, _add_convert_parser,
 ]
 
 

@@ -117,7 +117,8 @@ class _Decoder:
         self.num_segments = inputs.num_segments[:, -1:][self.sample_of_row]
         self.segment_rel_offset = inputs.segment_rel_offset[:, -1:][self.sample_of_row]
         self.segment_rel = inputs.segment_rel[self.sample_of_row]
-        self.cache = llm.new_cache(len(self.sample_of_row), inputs.input_ids.size(1) + max_new + 2)
+        self.cache = llm.new_cache(len(self.sample_of_row), inputs.input_ids.size(1) + max_new + 2,
+                                   inputs.input_ids.device)
 
     def prefill(self, inputs_embeds: torch.Tensor | None) -> None:
         """Run the prompt through the model; like the official code, its logits are not used."""

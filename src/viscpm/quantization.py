@@ -133,7 +133,7 @@ class Int4Linear(_QuantizedLinear):
 
 class Int8Embedding(nn.Module):
     """The tied vocabulary matrix in int8 (one scale per token): looked up for the input and used
-    as the output projection (``project``), which at mid sizes is half of the bytes read per token."""
+    as the output projection (``project=True``), which at mid sizes is half of the bytes read per token."""
 
     def __init__(self, embedding: nn.Embedding):
         super().__init__()
@@ -142,14 +142,13 @@ class Int8Embedding(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scale.to(embedding.weight.dtype))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # rows come out in the scales' dtype: the model's, once the model is cast
-        return F.embedding(ids, self.weight).to(self.scales.dtype) * F.embedding(ids, self.scales[:, None])
-
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        rows = hidden.reshape(-1, self.embedding_dim).to(COMPUTE_DTYPE)
-        out = int8_matmul(rows, self.weight, self.scales)
-        return out.view(*hidden.shape[:-1], self.num_embeddings).to(hidden.dtype)
+    def forward(self, x: torch.Tensor, project: bool = False) -> torch.Tensor:
+        if project:  # hidden states -> vocabulary logits
+            rows = x.reshape(-1, self.embedding_dim).to(COMPUTE_DTYPE)
+            out = int8_matmul(rows, self.weight, self.scales)
+            return out.view(*x.shape[:-1], self.num_embeddings).to(x.dtype)
+        # looked-up rows come out in the scales' dtype: the model's, once the model is cast
+        return F.embedding(x, self.weight).to(self.scales.dtype) * F.embedding(x, self.scales[:, None])
 
 
 def _bitsandbytes_linear(linear: nn.Linear, mode: str) -> nn.Module:
@@ -211,17 +210,6 @@ def quantize_module(module: nn.Module, mode: str, *, embeddings: bool = True,
 def quantized_bytes(module: nn.Module) -> int:
     """Bytes of every parameter and buffer (the model's resident size)."""
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
-def place(module: nn.Module, device: str | torch.device, dtype: torch.dtype | None, quant: str | None) -> nn.Module:
-    """Move and cast ``module``. On CUDA, ``quant`` quantizes through bitsandbytes after the move
-    (it quantizes on the GPU); on CPU the loader has already quantized layer by layer
-    (``load_weights(quant=...)``), and the casts below leave int8/int4 buffers alone."""
-    device = torch.device(device)
-    nn.Module.to(module, device=device, dtype=dtype)
-    if quant is not None and device.type == "cuda":
-        quantize_module(module, quant)
-    return module
 
 
 def refuse_quantized(quant: str | None) -> None:

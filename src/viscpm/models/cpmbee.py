@@ -93,10 +93,11 @@ class RMSNorm(nn.Module):
 
 
 class TiedEmbedding(nn.Embedding):
-    """The vocabulary matrix, used for the input lookup and (``project``) the output logits."""
+    """The vocabulary matrix, for the input lookup and (``project=True``) the output logits. Both
+    go through ``forward`` so that hooks (accelerate's offloading) see every use."""
 
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+    def forward(self, x: torch.Tensor, project: bool = False) -> torch.Tensor:
+        return F.linear(x, self.weight) if project else super().forward(x)
 
 
 class ScaledLinear(nn.Linear):
@@ -377,7 +378,7 @@ class CPMBee(nn.Module):
 
     def logits(self, hidden_states: torch.Tensor, ext_table_ids: torch.Tensor, ext_table_sub: torch.Tensor) -> torch.Tensor:
         """Tied vocab logits, then one column per ext-table row (its rows already carry 1/sqrt(d))."""
-        vocab = self.embed.project(hidden_states / math.sqrt(self.config.dim_model))
+        vocab = self.embed(hidden_states / math.sqrt(self.config.dim_model), project=True)
         if ext_table_ids.numel() == 0:
             return vocab
         ext = F.linear(hidden_states, self.embed_tokens(ext_table_ids, ext_table_sub))
@@ -388,8 +389,9 @@ class CPMBee(nn.Module):
         """The activations' dtype (norms are never quantized, unlike the embedding)."""
         return self.final_norm.weight.dtype
 
-    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
-        return KVCache(self.config, batch_size, capacity, self.dtype, self.final_norm.weight.device)
+    def new_cache(self, batch_size: int, capacity: int, device: torch.device | None = None) -> KVCache:
+        """``device``: where attention runs (needed when accelerate keeps some weights on disk)."""
+        return KVCache(self.config, batch_size, capacity, self.dtype, device or self.final_norm.weight.device)
 
     def forward(
         self,

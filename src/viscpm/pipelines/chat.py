@@ -38,6 +38,8 @@ from ..generation import (
 from ..image_processing import DEFAULT_MAX_PIXELS, ImageInput, ImageTransform, load_image
 from ..models.chat import CHAT_KEY_RULES, CHAT_PRESETS, CHAT_UNUSED_OFFICIAL_KEYS, ChatConfig, ChatModel
 from ..prompt import GenerationPrompt, append_turn, pack_for_generation
+from ..placement import dispatch, place
+from ..quantization import refuse_quantized
 from ..safety import ImageChecker, Refused, load_image_checker, verdict
 from ..tokenization import CPMBeeTokenizer
 from .defaults import default_model_path
@@ -132,7 +134,14 @@ class VisCPMChat:
     (``max_new_tokens``, or ``max_length + 2``). Longer conversations raise :class:`ContextTooLong`
     before the image is encoded or any cache is allocated. Memory grows with it: the KV cache holds
     ``2 × layers × d_model`` values per token and per row (a row per beam), e.g. 0.75 MiB per token
-    in bf16 for the 10B model."""
+    in bf16 for the 10B model.
+
+    ``quant``: ``"int8"`` or ``"int4"`` stores the linear layers' weights in 8/4 bits (see
+    :mod:`viscpm.quantization`): faster decoding on CPU and a quarter (an eighth) of fp32's memory.
+
+    ``device_map`` (``"auto"`` or ``{module: device | "disk"}``), ``max_memory``, ``offload_folder``:
+    spread the layers over GPUs, CPU and disk with accelerate (see :func:`viscpm.placement.dispatch`);
+    ``device`` is then where inputs go and attention runs."""
 
     def __init__(
         self,
@@ -145,6 +154,10 @@ class VisCPMChat:
         image_safety_checker: bool | str | os.PathLike | ImageChecker | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+        quant: str | None = None,
+        device_map: str | dict | None = None,
+        max_memory: dict | None = None,
+        offload_folder: str | os.PathLike | None = None,
     ):
         if not (isinstance(max_context_tokens, int) and max_context_tokens >= 1):
             raise ValueError(f"max_context_tokens must be a positive number of tokens, got {max_context_tokens!r}")
@@ -153,9 +166,11 @@ class VisCPMChat:
         self._default_checker: ImageChecker | None = None  # loaded when a call turns the checker on
         if model_path is None:  # the packaged model is stored in fp16 to stay small; run it in fp32
             model_path, dtype = default_model_path("chat"), dtype or torch.float32
+        on_cpu = torch.device(device).type == "cpu"  # CPU: quantized while loading; CUDA: by bitsandbytes
         model, config, weights = load_weights(
             model_path, config_path, config_from_dict=ChatConfig.from_dict, presets=CHAT_PRESETS,
             build=ChatModel, rules=CHAT_KEY_RULES, unused=CHAT_UNUSED_OFFICIAL_KEYS,
+            quant=quant if on_cpu else None,
         )
         self.vocab_path = find_vocab(weights, vocab_path)
         self.tokenizer = CPMBeeTokenizer(self.vocab_path)
@@ -164,7 +179,11 @@ class VisCPMChat:
                 f"vocab {self.vocab_path} has {self.tokenizer.vocab_size} tokens but the model expects "
                 f"{config.llm.vocab_size}; pass the vocab that belongs to {weights}"
             )
-        self.model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+        # weight-only int8/int4 (``quant``) covers the LLM, the vision encoder and the mapping
+        self.model = place(model, device, dtype or (torch.float32 if quant else None), quant)
+        if device_map is not None:
+            self.model = dispatch(self.model, device_map, max_memory=max_memory, offload_folder=offload_folder)
+        self.quant = quant
         self.config = config
         self.device = torch.device(device)
         self.transform = ImageTransform(config.vision.image_size)
@@ -363,6 +382,9 @@ class VisCPMChat:
         finally:
             tokens.close()
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write config.json + model.safetensors + vocab.txt (loadable with ``VisCPMChat(folder)``)."""
-        return save_folder(self.model, self.config, folder, self.vocab_path)
+    def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        max_shard_size: int | str | None = None) -> Path:
+        """Write config.json + weights + vocab.txt (loadable with ``VisCPMChat(folder)``); big models
+        in shards of ``max_shard_size`` (e.g. "2GB"), floats cast to ``dtype`` on the way."""
+        refuse_quantized(self.quant)
+        return save_folder(self.model, self.config, folder, self.vocab_path, dtype=dtype, max_shard_size=max_shard_size)

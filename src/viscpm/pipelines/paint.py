@@ -51,6 +51,8 @@ from tqdm.auto import tqdm
 from ..checkpoints import VAE_FOLDER, CheckpointError, find_vocab, load_vae, load_weights, save_folder
 from ..models.paint import PAINT_KEY_RULES, PAINT_PRESETS, PaintConfig, PaintModel
 from ..prompt import BeeInputs, collate_for_forward, convert_data_to_id
+from ..placement import place
+from ..quantization import refuse_quantized
 from ..rerank import Ranker, load_ranker
 from ..safety import (
     ImageChecker, PromptChecker, Refused, load_image_checker, load_prompt_checker, screen_images, verdict,
@@ -201,7 +203,9 @@ class VisCPMPaint:
       or an error; a VisCPMChat; a folder: Chinese-CLIP (the official ranker) or a chat model;
       ``False`` off; or a callable ``(prompt, images) -> scores``.
 
-    Each can be overridden for one call of :meth:`paint`."""
+    Each can be overridden for one call of :meth:`paint`.
+
+    ``quant``: ``"int8"``/``"int4"`` weight-only quantization of the CPM-Bee text encoder."""
 
     def __init__(
         self,
@@ -217,6 +221,7 @@ class VisCPMPaint:
         dtype: torch.dtype | None = None,
         progress_bar: bool = True,
         memory: MemoryOptions | None = None,
+        quant: str | None = None,
     ):
         # resolved first, so a wrong switch fails before gigabytes are read
         packaged_chat = _packaged_chat if model_path is None and has_default_model("chat") else None
@@ -227,9 +232,11 @@ class VisCPMPaint:
         self._bundled: dict[str, object] = {}  # defaults loaded for a call that turned a switch on
         if model_path is None:
             model_path, dtype = default_model_path("paint"), dtype or torch.float32
+        on_cpu = torch.device(device).type == "cpu"  # CPU: quantized while loading; CUDA: by bitsandbytes
         model, config, weights = load_weights(
             model_path, config_path, config_from_dict=PaintConfig.from_dict, presets=PAINT_PRESETS,
             build=PaintModel, rules=PAINT_KEY_RULES,
+            quant=quant if on_cpu else None, quant_part="llm",
         )
         self.vocab_path = find_vocab(weights, vocab_path)
         self.tokenizer = CPMBeeTokenizer(self.vocab_path)
@@ -243,13 +250,16 @@ class VisCPMPaint:
         # The LLM keeps the checkpoint's dtype (fp16 officially); bridge, UNet and VAE run in fp32
         # as in the official code, unless a dtype is forced.
         # (nn.Module.to directly: diffusers' override warns on every dtype cast, even a harmless one)
-        model.llm.to(device=device, dtype=dtype)
+        # ``quant`` (int8/int4) applies to the text encoder only: the UNet's linears see hundreds of
+        # rows per call, where weight-only kernels are no faster than fp32 matmuls
+        place(model.llm, device, dtype or (torch.float32 if quant else None), quant)
         for part in (model.bridge, model.unet, vae):
             nn.Module.to(part, device=device, dtype=dtype or torch.float32)
         self.model, self.vae, self.config = model.eval(), vae.eval(), config
         self.device = torch.device(device)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.progress_bar = progress_bar
+        self.quant = quant
         self.memory = self._apply_memory_options(memory if memory is not None else MemoryOptions())
 
     def _apply_memory_options(self, memory: MemoryOptions) -> MemoryOptions:
@@ -494,8 +504,11 @@ class VisCPMPaint:
                              height=image_size, width=image_size, generator=generator, latents=latents)
         return grid_image([r.image for r in results])
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write config.json + model.safetensors + vocab.txt + vae/ (loadable with ``VisCPMPaint(folder)``)."""
-        folder = save_folder(self.model, self.config, folder, self.vocab_path)
+    def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        max_shard_size: int | str | None = None) -> Path:
+        """Write config.json + weights + vocab.txt + vae/ (loadable with ``VisCPMPaint(folder)``); big
+        models in shards of ``max_shard_size`` (e.g. "2GB"), floats cast to ``dtype`` on the way."""
+        refuse_quantized(self.quant)
+        folder = save_folder(self.model, self.config, folder, self.vocab_path, dtype=dtype, max_shard_size=max_shard_size)
         self.vae.save_pretrained(folder / VAE_FOLDER)
         return folder
