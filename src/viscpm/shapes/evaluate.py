@@ -99,7 +99,7 @@ def evaluate_captions(chat, eval_dir: Path, limit: int | None = None) -> dict[st
 
 
 def evaluate_paint(painter, eval_dir: Path, limit: int | None = None, max_objects: int = 2,
-                   num_inference_steps: int = 25, scheduler: str = "dpm++", guidance_scale: float = 4.0,
+                   num_inference_steps: int = 20, scheduler: str = "dpm++-sde", guidance_scale: float = 4.0,
                    seed: int = 0) -> dict[str, Any]:
     """Paint adherence for prompts of up to ``max_objects`` shapes, per prompt language."""
     items = [i for i in read_jsonl(eval_dir / "paint_prompts.jsonl") if len(i["scene"]["objects"]) <= max_objects]
