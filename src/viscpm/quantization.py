@@ -184,10 +184,10 @@ def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
     return Int8Linear(linear) if mode == "int8" else Int4Linear(linear)
 
 
-def quantize_module(module: nn.Module, mode: str, *, embeddings: bool = True,
+def quantize_module(module: nn.Module, mode: str, *,
                     on_replaced: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` under ``module`` (in place, one layer at a time, so no second
-    full copy of the weights ever exists) and, with ``embeddings``, every CPM-Bee tied embedding
+    full copy of the weights ever exists) and every CPM-Bee tied embedding
     by int8 (CPU only: the output projection needs the int8 kernel). ``on_replaced(old)`` is
     called after each replacement (the loader releases the old weights' file pages there).
     Returns ``module``."""
@@ -196,10 +196,10 @@ def quantize_module(module: nn.Module, mode: str, *, embeddings: bool = True,
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
             replacement = quantize_linear(child, mode)
-        elif embeddings and isinstance(module, CPMBee) and child is module.embed and child.weight.device.type == "cpu":
+        elif isinstance(module, CPMBee) and child is module.embed and child.weight.device.type == "cpu":
             replacement = Int8Embedding(child)
         else:
-            quantize_module(child, mode, embeddings=embeddings, on_replaced=on_replaced)
+            quantize_module(child, mode, on_replaced=on_replaced)
             continue
         setattr(module, name, replacement)
         if on_replaced is not None:
