@@ -23,13 +23,18 @@ def meta(reference):
     return json.loads((reference / "llm" / "tiny_cpmbee_golden_meta.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def model(reference):
+def golden_tiny_cpmbee(reference) -> CPMBee:
+    """The official tiny CPM-Bee the golden outputs were made with, in our key names."""
     config = CPMBeeConfig.from_dict(json.loads((reference / "llm" / "tiny_cpmbee_config.json").read_text()))
     llm = CPMBee(config).eval()
     official = load_file(reference / "llm" / "tiny_cpmbee.safetensors")
     llm.load_state_dict({official_to_ours(k, CPMBEE_KEY_RULES): v for k, v in official.items()}, strict=True)
     return llm
+
+
+@pytest.fixture(scope="module")
+def model(reference):
+    return golden_tiny_cpmbee(reference)
 
 
 def assert_logits_match(logits, golden, prefix, positions):

@@ -3,18 +3,17 @@ CPM-Bee (the official golden tiny model) stays within stated tolerances of fp32.
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from viscpm.models.cpmbee import CPMBEE_KEY_RULES, CPMBee, CPMBeeConfig, ScaledLinear
-from viscpm.models.keymap import official_to_ours
+from viscpm.models.cpmbee import ScaledLinear
 from viscpm.quantization import (
     INT8_KERNEL_MAX_ROWS, Int4Linear, Int8Embedding, Int8Linear, quantize_linear, quantize_module, quantized_bytes,
 )
+
+from .test_cpmbee import golden_tiny_cpmbee
 
 
 def linear_output(layer: nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -77,11 +76,7 @@ def test_unknown_mode_is_refused():
 
 @pytest.fixture(scope="module")
 def golden_llm(reference):
-    config = CPMBeeConfig.from_dict(json.loads((reference / "llm" / "tiny_cpmbee_config.json").read_text()))
-    llm = CPMBee(config).eval()
-    official = load_file(reference / "llm" / "tiny_cpmbee.safetensors")
-    llm.load_state_dict({official_to_ours(k, CPMBEE_KEY_RULES): v for k, v in official.items()}, strict=True)
-    return llm
+    return golden_tiny_cpmbee(reference)
 
 
 def forward_inputs(length: int = 12, batch: int = 2) -> dict:
