@@ -16,6 +16,7 @@ from viscpm.models.beit3 import (
     BEiT3Config,
     BEiT3VisionEncoder,
     Multiway,
+    sincos_2d_positions,
 )
 from viscpm.models.keymap import official_to_ours, ours_to_official
 
@@ -170,6 +171,20 @@ def test_non_224_image_and_patch_size() -> None:
         out = model(torch.randn(3, 3, 48, 48), torch.randn(5, 16))
     assert out.shape == (3, 5, 16)
     assert torch.isfinite(out).all()
+
+
+def test_fresh_patch_positions_are_a_sine_cosine_grid() -> None:
+    """From-scratch training starts with MAE's 2-D table: the first half of the channels depends
+    on the row only, the second half on the column only, and every patch gets its own vector."""
+    table = sincos_2d_positions(4, 16).view(4, 4, 16)
+    assert torch.equal(table[:, :1, :8].expand(4, 4, 8), table[..., :8])  # rows: same along a row
+    assert torch.equal(table[:1, :, 8:].expand(4, 4, 8), table[..., 8:])  # columns: same down a column
+    assert torch.cdist(table.view(16, 16), table.view(16, 16)).add(torch.eye(16)).min() > 0.1
+    model = BEiT3VisionEncoder(TINY)  # 4x4 patches; rows 0-1 unused, row 2 the cls token
+    assert torch.equal(model.image_positions[3:].detach(), sincos_2d_positions(4, 16))
+    assert model.image_positions[:3].abs().max() < 0.1  # cls and unused rows: small noise as before
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d_positions(4, 18)
 
 
 def test_batch_rows_are_independent() -> None:

@@ -219,6 +219,19 @@ class EncoderLayer(nn.Module):
         return x
 
 
+def sincos_2d_positions(side: int, dim: int) -> torch.Tensor:
+    """[side*side, dim] row-major grid positions: half the channels encode the row, half the
+    column, each as sines and cosines at geometrically spaced frequencies (MAE's fixed table)."""
+    if dim % 4:
+        raise ValueError(f"sine-cosine positions need dim divisible by 4, got {dim}")
+    frequencies = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (d/4,)
+    coords = torch.arange(side, dtype=torch.float64)[:, None] * frequencies  # (side, d/4)
+    axis = torch.cat([coords.sin(), coords.cos()], dim=1)  # (side, d/2)
+    rows = axis[:, None, :].expand(side, side, -1)
+    cols = axis[None, :, :].expand(side, side, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(side * side, dim).float()
+
+
 class BEiT3VisionEncoder(nn.Module):
     """Image + learnable queries -> query outputs ``[B, Q, dim]``.
 
@@ -243,6 +256,14 @@ class BEiT3VisionEncoder(nn.Module):
         self.norm = Multiway(_layer_norm(config, d))
         for param in (self.cls_token, self.image_positions, self.query_positions):
             nn.init.trunc_normal_(param, std=0.02)
+        # Training from scratch (ShapesWorld): patch positions start as a 2-D sine-cosine grid, as in
+        # MAE, instead of noise — a small encoder then tells where a shape is from the first step.
+        # Loaded checkpoints overwrite this.
+        with torch.no_grad():
+            side = config.image_size // p
+            start = self.POSITION_OFFSET + 1  # after the cls row
+            self.image_positions[start : start + side * side] = sincos_2d_positions(side, d)
+
 
     def forward(self, pixel_values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         self._check_inputs(pixel_values, queries)

@@ -57,7 +57,7 @@ _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 class CorpusSizes:
     """How much to write. The defaults make a corpus that a 2-core CPU trains on in hours."""
 
-    train_images: int = 4000  # English multimodal images: one caption and one dialogue each
+    train_images: int = 16000  # English multimodal images: one caption and one dialogue each
     zh_instruct: int | None = None  # translated-Chinese dialogues on a subset of the training images; default 10%
     text: int = 20000  # bilingual text-only LLM examples (and as many English-only ones)
     eval_images: int = 300
