@@ -5,7 +5,7 @@
 #
 # Independent stages run side by side, one core each (OMP_NUM_THREADS=1). Outputs: data/shapes,
 # runs/shapes/*, runs/shapes/eval-*.json. The shipped default is row b (chat) + paint; package it with
-#   python scripts/package_default.py runs/shapes/chat-sft/final runs/shapes/paint/final
+#   python scripts/package_default.py runs/shapes/chat-sft/final runs/shapes/paint-longer/final
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -19,8 +19,13 @@ viscpm train lm --config $C/lm.toml &
 viscpm train vae --config $C/vae.toml &
 wait
 
-# 2. paint (English captions, frozen bilingual LLM) beside the chat stages
-viscpm train paint-xattn --config $C/paint.toml &
+# 2. paint (English captions, frozen bilingual LLM) beside the chat stages; the packaged paint
+#    model is this run continued twice at a lower learning rate
+( viscpm train paint-xattn --config $C/paint.toml
+  viscpm train paint-xattn --config $C/paint.toml --set model.init=../../runs/shapes/paint/final \
+      --set train.output_dir=../../runs/shapes/paint-long --set train.max_steps=2500 --set train.learning_rate=5e-4
+  viscpm train paint-xattn --config $C/paint.toml --set model.init=../../runs/shapes/paint-long/final \
+      --set train.output_dir=../../runs/shapes/paint-longer --set train.max_steps=3000 --set train.learning_rate=5e-4 ) &
 PAINT=$!
 viscpm train chat-align --config $C/chat-align.toml
 # row b (the default): English dialogues + the small translated-Chinese set
@@ -37,6 +42,6 @@ viscpm train chat-sft --config $C/chat-sft.toml --set "$EN_ONLY" --set model.ini
     --set train.output_dir=../../runs/shapes/chat-sft-lm-en
 
 # 3. scores on the held-out sets
-viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft/final --paint runs/shapes/paint/final --out runs/shapes/eval-b.json
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft/final --paint runs/shapes/paint-longer/final --out runs/shapes/eval-b.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-en/final --skip-paint --out runs/shapes/eval-a.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-lm-en/final --skip-paint --out runs/shapes/eval-c.json
