@@ -121,6 +121,7 @@ CASES = [
     ("negative-guidance", PAINT, {"prompt": "cat", "guidance_scale": -1}, AUTH, 400, "invalid_request"),
     ("unknown-scheduler", PAINT, {"prompt": "cat", "scheduler": "bogus", "num_inference_steps": 1}, AUTH, 400,
      "invalid_request"),
+    ("unknown-preset", PAINT, {"prompt": "cat", "preset": "fastest"}, AUTH, 400, "invalid_value"),
     ("url-format", PAINT, {"prompt": "cat", "response_format": "url"}, AUTH, 400, "unsupported_value"),
     ("over-long-prompt", PAINT, {"prompt": "猫" * 17_000}, AUTH, 400, "prompt_too_long"),
     ("over-3000-token-prompt", PAINT, {"prompt": "cat " * 3_600, "num_inference_steps": 1}, AUTH, 400,

@@ -103,6 +103,14 @@ def test_paint_options():
     assert paint_options(body, ServeSettings(default_paint_steps=20)) == {
         "num_images_per_prompt": 2, "width": 64, "height": 48, "num_inference_steps": 20, "seed": 3,
         "scheduler": "ddim"}
+    fast = ImageGenerationRequest.model_validate({"prompt": "x", "preset": "fast"})
+    assert paint_options(fast, ServeSettings(default_paint_steps=7)) == {  # the preset's 20 steps, not the default
+        "num_images_per_prompt": 1, "preset": "fast", "num_inference_steps": 20}
+    fewer = ImageGenerationRequest.model_validate({"prompt": "x", "preset": "fast", "num_inference_steps": 4})
+    assert paint_options(fewer, ServeSettings())["num_inference_steps"] == 4
+    with pytest.raises(ApiError, match="too_many_steps|at most"):
+        paint_options(ImageGenerationRequest.model_validate({"prompt": "x", "preset": "official"}),
+                      ServeSettings(max_paint_steps=30))
     auto = ImageGenerationRequest.model_validate({"prompt": "x", "size": "auto"})
     assert paint_options(auto, ServeSettings()) == {"num_images_per_prompt": 1}
 

@@ -54,7 +54,8 @@ _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
 CHAT_RESERVED = {"self", "image", "images", "question", "questions", "context", "contexts", "vision_hidden_states",
                  "should_stop"}
 PAINT_RESERVED = {"self", "prompt", "negative_prompt", "num_images_per_prompt", "guidance_scale",
-                  "num_inference_steps", "height", "width", "scheduler", "seed", "generator", "latents", "callback"}
+                  "num_inference_steps", "height", "width", "scheduler", "preset", "seed", "generator", "latents",
+                  "callback"}
 
 
 def passthrough_options(method, extras: dict[str, Any] | None, reserved: set[str],
@@ -161,7 +162,15 @@ def paint_options(body: ImageGenerationRequest, settings: ServeSettings) -> dict
             raise bad_request(f"size {width}x{height} is above this server's limit of {settings.max_paint_side} "
                               "pixels a side", "invalid_size", "size")
         options.update(width=width, height=height)
-    steps = body.num_inference_steps or settings.default_paint_steps
+    from ..pipelines.paint import SAMPLING_PRESETS  # here: importing diffusers is slow, and chat-only servers skip it
+
+    if body.preset is not None:
+        if body.preset not in SAMPLING_PRESETS:
+            raise bad_request(f"unknown preset {body.preset!r}; choose one of {sorted(SAMPLING_PRESETS)}",
+                              "invalid_value", "preset")
+        options["preset"] = body.preset
+    # a preset brings its own step count; the server's default applies only when nothing was chosen
+    steps = body.num_inference_steps or (SAMPLING_PRESETS[body.preset][1] if body.preset else settings.default_paint_steps)
     if steps is not None:
         if steps > settings.max_paint_steps:
             raise bad_request(f"num_inference_steps is {steps}; this server allows at most "

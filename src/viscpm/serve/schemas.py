@@ -78,4 +78,5 @@ class ImageGenerationRequest(_Request):
     seed: int | None = Field(None, ge=0, lt=2**63)
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, le=100)
-    scheduler: str | None = None  # ddpm (official), ddim, euler, dpm++
+    scheduler: str | None = None  # ddpm (official), ddim, euler, dpm++, dpm++-sde
+    preset: str | None = None  # official (DDPM, 50 steps) or fast (SDE-DPM-Solver++, 20 steps)
