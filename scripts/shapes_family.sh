@@ -5,7 +5,7 @@
 #
 # Independent stages run side by side, one core each (OMP_NUM_THREADS=1). Outputs: data/shapes,
 # runs/shapes/*, runs/shapes/eval-*.json. The shipped default is row b (chat) + paint; package it with
-#   python scripts/package_default.py runs/shapes/chat-sft/final runs/shapes/paint-longer/final
+#   python scripts/package_default.py runs/shapes/chat-sft-long/final runs/shapes/paint-longer/final
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -30,6 +30,9 @@ PAINT=$!
 viscpm train chat-align --config $C/chat-align.toml
 # row b (the default): English dialogues + the small translated-Chinese set
 viscpm train chat-sft --config $C/chat-sft.toml
+# the packaged chat model: row b continued for another 2,500 steps
+viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-sft/final \
+    --set train.output_dir=../../runs/shapes/chat-sft-long
 # row a: English dialogues only
 viscpm train chat-sft --config $C/chat-sft.toml --set "$EN_ONLY" --set train.output_dir=../../runs/shapes/chat-sft-en
 wait $PAINT
@@ -43,5 +46,6 @@ viscpm train chat-sft --config $C/chat-sft.toml --set "$EN_ONLY" --set model.ini
 
 # 3. scores on the held-out sets
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft/final --paint runs/shapes/paint-longer/final --out runs/shapes/eval-b.json
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-long/final --skip-paint --out runs/shapes/eval-b-long.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-en/final --skip-paint --out runs/shapes/eval-a.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-lm-en/final --skip-paint --out runs/shapes/eval-c.json

@@ -13,11 +13,12 @@ from viscpm.shapes.evaluate import evaluate_paint, evaluate_qa
 
 pytestmark = pytest.mark.slow
 
-# measured on these subsets with the shipped fp16 weights: QA EN 0.575, ZH 0.60, ZH answered in
-# Chinese 1.0; paint (default self-reranking) EN shape 0.78 / size 0.88, ZH shape 0.60 / size 0.70
-# (exact adherence EN 0.10)
-QA_EN, QA_ZH, ZH_LANGUAGE = 0.50, 0.50, 0.90
-PAINT_EN_SHAPE, PAINT_EN_SIZE, PAINT_ZH_SIZE = 0.65, 0.75, 0.55
+# measured on these subsets with the shipped fp16 weights: QA EN 0.683, ZH 0.542, ZH answered in
+# Chinese 1.0 (int8: EN 0.675, ZH 0.55); paint (default self-reranking) EN shape 0.717, colour 0.683,
+# size 0.883, ZH size 0.817 (exact adherence EN 0.10)
+QA_EN, QA_ZH, ZH_LANGUAGE = 0.62, 0.48, 0.90
+INT8_ALLOWANCE = 0.025  # 3 of the subset's 120 questions per language
+PAINT_EN_SHAPE, PAINT_EN_COLOUR, PAINT_EN_SIZE, PAINT_ZH_SIZE = 0.65, 0.60, 0.80, 0.70
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,11 @@ def test_packaged_chat_answers_in_both_languages(eval_dir):
     assert scores["qa_accuracy"]["en"] >= QA_EN
     assert scores["qa_accuracy"]["zh"] >= QA_ZH
     assert scores["answer_language_match"]["zh"] >= ZH_LANGUAGE
-    # weight-only int8 keeps the accuracy: at most 1 point lower per language on the same items
-    # (measured on the full held-out set: EN 55.8 → 56.8 %, ZH 54.7 → 55.7 %)
+    # weight-only int8 keeps the accuracy on the same items, up to a few answers that flip either way
+    # (full held-out set: EN 61.2 → 61.5 %, ZH 53.0 → 53.2 %)
     int8 = evaluate_qa(VisCPMChat(quant="int8"), eval_dir, limit=240)
     for language in ("en", "zh"):
-        assert int8["qa_accuracy"][language] >= scores["qa_accuracy"][language] - 0.01, (language, int8, scores)
+        assert int8["qa_accuracy"][language] >= scores["qa_accuracy"][language] - INT8_ALLOWANCE, (language, int8, scores)
 
 
 def test_packaged_paint_follows_prompts_in_both_languages(eval_dir):
@@ -49,5 +50,6 @@ def test_packaged_paint_follows_prompts_in_both_languages(eval_dir):
     scores = evaluate_paint(painter, eval_dir, limit=60)
     attributes = scores["paint_attributes"]
     assert attributes["en"]["shape"] >= PAINT_EN_SHAPE
+    assert attributes["en"]["colour"] >= PAINT_EN_COLOUR
     assert attributes["en"]["size"] >= PAINT_EN_SIZE
     assert attributes["zh"]["size"] >= PAINT_ZH_SIZE
