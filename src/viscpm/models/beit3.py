@@ -264,7 +264,6 @@ class BEiT3VisionEncoder(nn.Module):
             start = self.POSITION_OFFSET + 1  # after the cls row
             self.image_positions[start : start + side * side] = sincos_2d_positions(side, d)
 
-
     def forward(self, pixel_values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         self._check_inputs(pixel_values, queries)
         dtype = self.patch_embed.weight.dtype
