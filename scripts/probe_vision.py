@@ -12,14 +12,12 @@ the LLM has to use it: QA about colour or position cannot beat what the encoder 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from viscpm.image_processing import ImageTransform, load_image
-from viscpm.models.chat import ChatConfig, ChatModel
+from viscpm import VisCPMChat
+from viscpm.image_processing import load_image
 from viscpm.shapes import analyse, read_jsonl
 from viscpm.shapes.world import COLOURS, GRID, SHAPES, SIZES
 
@@ -27,13 +25,9 @@ ATTRIBUTES = {"colour": COLOURS, "shape": SHAPES, "size": SIZES}
 
 
 def query_features(folder: Path, images: list[Path]) -> torch.Tensor:
-    config = ChatConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    model = ChatModel(config)
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    model.eval()
-    transform = ImageTransform(config.vision.image_size)
+    chat = VisCPMChat(folder, image_safety_checker=False)  # the project's loader: any saved or converted folder
     with torch.no_grad():
-        features = [model.vision(transform(images[i : i + 200]), model.queries).flatten(1).float()
+        features = [chat.model.vision(chat.transform(images[i : i + 200]), chat.model.queries).flatten(1).float()
                     for i in range(0, len(images), 200)]
     features = torch.cat(features)
     return (features - features.mean(0)) / (features.std(0) + 1e-5)

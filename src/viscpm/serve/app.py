@@ -162,15 +162,16 @@ def paint_options(body: ImageGenerationRequest, settings: ServeSettings) -> dict
             raise bad_request(f"size {width}x{height} is above this server's limit of {settings.max_paint_side} "
                               "pixels a side", "invalid_size", "size")
         options.update(width=width, height=height)
-    from ..pipelines.paint import SAMPLING_PRESETS  # here: importing diffusers is slow, and chat-only servers skip it
-
     if body.preset is not None:
-        if body.preset not in SAMPLING_PRESETS:
-            raise bad_request(f"unknown preset {body.preset!r}; choose one of {sorted(SAMPLING_PRESETS)}",
-                              "invalid_value", "preset")
+        from ..pipelines.paint import sampling_preset  # here: importing diffusers is slow, and chat-only servers skip it
+
+        try:  # a preset brings its own step count, unless the request names one
+            _, steps = sampling_preset(body.preset, None, body.num_inference_steps)
+        except ValueError as error:
+            raise bad_request(str(error), "invalid_value", "preset") from None
         options["preset"] = body.preset
-    # a preset brings its own step count; the server's default applies only when nothing was chosen
-    steps = body.num_inference_steps or (SAMPLING_PRESETS[body.preset][1] if body.preset else settings.default_paint_steps)
+    else:
+        steps = body.num_inference_steps or settings.default_paint_steps
     if steps is not None:
         if steps > settings.max_paint_steps:
             raise bad_request(f"num_inference_steps is {steps}; this server allows at most "
