@@ -117,29 +117,30 @@ class _Decoder:
         self.num_segments = inputs.num_segments[:, -1:][self.sample_of_row]
         self.segment_rel_offset = inputs.segment_rel_offset[:, -1:][self.sample_of_row]
         self.segment_rel = inputs.segment_rel[self.sample_of_row]
-        self.cache = llm.new_cache(len(self.sample_of_row), inputs.input_ids.size(1) + max_new + 2,
-                                   inputs.input_ids.device)
+        self.cache = llm.new_cache(batch, inputs.input_ids.size(1) + max_new + 2, inputs.input_ids.device)
 
     def prefill(self, inputs_embeds: torch.Tensor | None) -> None:
-        """Run the prompt through the model; like the official code, its logits are not used."""
+        """Run the prompt through the model; like the official code, its logits are not used.
+
+        Each sample's prompt runs once; its cache rows are then copied to the sample's beams."""
         inputs = self.prompt.inputs
-        rows = self.sample_of_row
         self.llm(
-            input_ids=inputs.input_ids[rows],
-            input_id_subs=inputs.input_id_subs[rows],
-            position=inputs.position[rows],
-            context=inputs.context[rows],
-            sample_ids=inputs.sample_ids[rows],
-            num_segments=inputs.num_segments[rows],
-            segment_ids=inputs.segment_ids[rows],
-            segment_rel_offset=inputs.segment_rel_offset[rows],
-            segment_rel=self.segment_rel,
+            input_ids=inputs.input_ids,
+            input_id_subs=inputs.input_id_subs,
+            position=inputs.position,
+            context=inputs.context,
+            sample_ids=inputs.sample_ids,
+            num_segments=inputs.num_segments,
+            segment_ids=inputs.segment_ids,
+            segment_rel_offset=inputs.segment_rel_offset,
+            segment_rel=inputs.segment_rel,
             ext_table_ids=inputs.ext_table_ids,
             ext_table_sub=inputs.ext_table_sub,
-            inputs_embeds=None if inputs_embeds is None else inputs_embeds[rows],
+            inputs_embeds=inputs_embeds,
             cache=self.cache,
             compute_logits=False,
         )
+        self.cache.reorder(self.sample_of_row.to(self.banned.device))
 
     def step(self, slots: Sequence[_Slot]) -> torch.Tensor:
         """Feed each row's next token; return (rows, V + E) float logits with banned columns set."""
