@@ -27,7 +27,7 @@ from viscpm.serve.schemas import ChatCompletionRequest, ImageGenerationRequest, 
 from viscpm.serve.worker import Job, QueueFull, Worker
 
 from .serve_fixtures import (  # noqa: F401  (fixtures)
-    CHAT_CHECKPOINT, data_url, png_bytes, running, serve_models_dir, tiny_chat,
+    CHAT_CHECKPOINT, PAINT_CHECKPOINT, data_url, png_bytes, running, serve_models_dir, tiny_chat,
 )
 
 PNG = png_bytes(Image.new("RGB", (20, 10), (0, 128, 255)))
@@ -357,6 +357,26 @@ def test_serve_max_context_tokens_reaches_the_pipeline(reference, serve_models_d
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "context_length_exceeded"
     assert "maximum context length is 30 tokens" in response.json()["error"]["message"]
+
+
+def test_serve_takes_paint_checker_flags_as_viscpm_paint_does(reference, serve_models_dir, tmp_path,  # noqa: F811
+                                                               monkeypatch):
+    monkeypatch.delenv("VISCPM_API_KEY", raising=False)
+    words = tmp_path / "words.txt"
+    words.write_text("zebra\n", encoding="utf-8")
+    argv = ["serve", "--no-chat", "--paint", str(serve_models_dir / "paint" / PAINT_CHECKPOINT),
+            "--paint-config", str(reference / "paint" / "tiny_viscpm_paint_config.json")]
+    served = {}
+    monkeypatch.setattr("viscpm.serve.create_app", lambda chat, paint, settings: served.update(paint=paint))
+    build_serve_app(build_parser().parse_args(argv + ["--image-checker", "off", "--ranker", "off",
+                                                      "--word-list", str(words)]))
+    paint = served["paint"]
+    assert paint.image_safety_checker is None and paint.ranker is None
+    assert paint.prompt_safety_checker("a zebra").flagged and not paint.prompt_safety_checker("a horse").flagged
+    build_serve_app(build_parser().parse_args(argv + ["--prompt-checker", "off", "--image-checker", "off"]))
+    assert served["paint"].prompt_safety_checker is None
+    with pytest.raises(ValueError, match="cannot go with --prompt-checker off"):
+        build_serve_app(build_parser().parse_args(argv + ["--prompt-checker", "off", "--word-list", str(words)]))
 
 
 def test_serve_refuses_an_open_address_without_a_key(reference, serve_models_dir, monkeypatch, capsys):  # noqa: F811

@@ -265,34 +265,46 @@ def _add_paint_parser(commands) -> None:
     memory.add_argument("--vae-tiling", action="store_true",
                         help="decode large images in overlapping tiles (pixels change slightly at the seams)")
     safety = parser.add_argument_group("safety and ranking")
-    safety.add_argument("--prompt-checker", default="default", metavar="{default,lexicon,off,FOLDER}",
-                        help="prompt safety checker: the offline word list (default, = lexicon), off, or a folder "
-                             "with the official BERT classifier")
-    safety.add_argument("--word-list", action="append", default=[], metavar="FILE",
-                        help="more blocked terms for the word list checker, one per line; `!phrase` allows a phrase "
-                             "(repeatable)")
-    _add_image_checker_option(safety)
-    safety.add_argument("--ranker", default="default", metavar="{default,self,off,FOLDER}",
-                        help="rerank candidates: self-reranking with the packaged chat model when painting with the "
-                             "packaged model (default; else off), off, a Chinese-CLIP folder, or a chat model to "
-                             "self-rerank with")
+    _add_paint_checker_options(safety)
     safety.add_argument("--candidates", type=int, default=4, help="candidates per image when ranking (default 4)")
     parser.set_defaults(run=run_paint)
+
+
+def _add_paint_checker_options(group) -> None:
+    """The safety checker and ranker flags, shared by ``viscpm paint`` and ``viscpm serve``."""
+    group.add_argument("--prompt-checker", default="default", metavar="{default,lexicon,off,FOLDER}",
+                       help="prompt safety checker: the offline word list (default, = lexicon), off, or a folder "
+                            "with the official BERT classifier")
+    group.add_argument("--word-list", action="append", default=[], metavar="FILE",
+                       help="more blocked terms for the word list checker, one per line; `!phrase` allows a phrase "
+                            "(repeatable)")
+    _add_image_checker_option(group)
+    group.add_argument("--ranker", default="default", metavar="{default,self,off,FOLDER}",
+                       help="rerank candidates: self-reranking with the packaged chat model when painting with the "
+                            "packaged model (default; else off), off, a Chinese-CLIP folder, or a chat model to "
+                            "self-rerank with")
+
+
+def _paint_checkers(args: argparse.Namespace) -> dict:
+    """VisCPMPaint's checker and ranker arguments from the flags of ``_add_paint_checker_options``."""
+    from .safety import load_prompt_checker
+
+    if args.word_list and args.prompt_checker.lower() not in ("default", "lexicon"):
+        raise ValueError("--word-list adds terms to the word list checker; it cannot go with "
+                         f"--prompt-checker {args.prompt_checker}")
+    return dict(image_safety_checker=args.image_checker,
+                prompt_safety_checker=load_prompt_checker(args.prompt_checker, args.word_list) or False,
+                add_ranker=args.ranker)
 
 
 def run_paint(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     from pathlib import Path
 
     from .pipelines.paint import MemoryOptions, VisCPMPaint
-    from .safety import load_prompt_checker
 
     stdout = stdout or sys.stdout
-    if args.word_list and args.prompt_checker.lower() not in ("default", "lexicon"):
-        raise ValueError("--word-list adds terms to the word list checker; it cannot go with "
-                         f"--prompt-checker {args.prompt_checker}")
-    prompt_checker = load_prompt_checker(args.prompt_checker, args.word_list) or False
-    painter = VisCPMPaint(args.model, image_safety_checker=args.image_checker, prompt_safety_checker=prompt_checker,
-                          add_ranker=args.ranker, vocab_path=args.vocab, vae_path=args.vae, config_path=args.config,
+    painter = VisCPMPaint(args.model, **_paint_checkers(args), vocab_path=args.vocab, vae_path=args.vae,
+                          config_path=args.config,
                           memory=MemoryOptions(args.attention_slicing, args.vae_slicing, args.vae_tiling),
                           device=args.device, quant=args.quant)
     results = painter.paint(args.prompt, args.negative, num_images_per_prompt=args.num_images,
@@ -417,12 +429,9 @@ def _add_serve_parser(commands) -> None:
     models.add_argument("--paint-vocab", metavar="FILE", help="vocab of --paint (default: vocab.txt beside it)")
     models.add_argument("--vae", help="VAE folder of --paint (default: vae/ beside it)")
     models.add_argument("--no-paint", action="store_true", help="serve no paint model")
-    models.add_argument("--no-safety", action="store_true",
-                        help="turn the paint safety checkers off (default: the bundled ones when there are any)")
-    models.add_argument("--no-ranker", action="store_true",
-                        help="turn paint reranking off (default: the bundled ranker when there is one)")
     models.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     _add_quant_option(models)
+    _add_paint_checker_options(parser.add_argument_group("paint safety and ranking (as in viscpm paint)"))
     network = parser.add_argument_group("network")
     network.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     network.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -472,14 +481,9 @@ def build_serve_app(args: argparse.Namespace):
         if not args.no_paint:
             from .pipelines.paint import VisCPMPaint
 
-            switches = {}
-            if args.no_safety:
-                switches.update(image_safety_checker=False, prompt_safety_checker=False)
-            if args.no_ranker:
-                switches["add_ranker"] = False
-            paint = VisCPMPaint(args.paint, vocab_path=args.paint_vocab, vae_path=args.vae,
+            paint = VisCPMPaint(args.paint, **_paint_checkers(args), vocab_path=args.paint_vocab, vae_path=args.vae,
                                 config_path=args.paint_config, device=args.device, quant=args.quant,
-                                progress_bar=False, **switches)
+                                progress_bar=False)
     except FileNotFoundError as error:  # most often: no packaged model yet
         raise FileNotFoundError(f"{error} (viscpm serve: pass --chat/--paint MODEL, or --no-chat/--no-paint)") from None
     return create_app(chat=chat, paint=paint, settings=settings)
