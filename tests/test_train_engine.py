@@ -59,7 +59,7 @@ def test_two_processes_equal_one(tmp_path):
     run_in_process(lm_config(tmp_path, world, "single", batch_size=6))
     two = lm_config(tmp_path, world, "double", batch_size=6)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "viscpm.cli", "train", "lm", "--config", str(two)],
                             capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
