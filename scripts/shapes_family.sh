@@ -5,7 +5,7 @@
 #
 # Independent stages run side by side, one core each (OMP_NUM_THREADS=1). Outputs: data/shapes,
 # runs/shapes/*, runs/shapes/eval-*.json. The shipped default is row b (chat) + paint; package it with
-#   python scripts/package_default.py runs/shapes/chat-sft-long/final runs/shapes/paint-longer/final
+#   python scripts/package_default.py runs/shapes/chat-sft-256-long/final runs/shapes/paint-longer/final
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -14,10 +14,12 @@ EN_ONLY='data.train=["../../data/shapes/multimodal/instruct_en.jsonl"]'
 
 viscpm data shapes --out data/shapes --seed 0
 
-# 1. the bilingual LLM (text only) and the image autoencoder
+# 1. the bilingual LLMs (text only: d=128 for paint and the pivot rows, d=256 for the packaged
+#    chat model) and the image autoencoder
 viscpm train lm --config $C/lm.toml &
 viscpm train vae --config $C/vae.toml &
 wait
+viscpm train lm --config $C/lm-256.toml &
 
 # 2. paint (English captions, frozen bilingual LLM) beside the chat stages; the packaged paint
 #    model is this run continued twice at a lower learning rate
@@ -28,14 +30,25 @@ wait
       --set train.output_dir=../../runs/shapes/paint-longer --set train.max_steps=3000 --set train.learning_rate=5e-4 ) &
 PAINT=$!
 viscpm train chat-align --config $C/chat-align.toml
-# row b (the default): English dialogues + the small translated-Chinese set
+# row b: English dialogues + the small translated-Chinese set
 viscpm train chat-sft --config $C/chat-sft.toml
-# the packaged chat model: row b continued for another 2,500 steps
+# row b continued for another 2,500 steps (recipe v2's packaged chat model)
 viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-sft/final \
     --set train.output_dir=../../runs/shapes/chat-sft-long
 # row a: English dialogues only
 viscpm train chat-sft --config $C/chat-sft.toml --set "$EN_ONLY" --set train.output_dir=../../runs/shapes/chat-sft-en
 wait $PAINT
+wait  # lm-256
+
+# rows a and b over the larger LLM; the packaged chat model is row b continued for 2,500 steps
+# (a new seed, so the continuation sees a new data order)
+viscpm train chat-align --config $C/chat-align-256.toml
+viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-align-256/final \
+    --set train.output_dir=../../runs/shapes/chat-sft-256
+viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-sft-256/final \
+    --set train.output_dir=../../runs/shapes/chat-sft-256-long --set train.seed=1
+viscpm train chat-sft --config $C/chat-sft.toml --set "$EN_ONLY" --set model.init=../../runs/shapes/chat-align-256/final \
+    --set train.output_dir=../../runs/shapes/chat-sft-en-256
 
 # row c (ablation): an English-only LLM, then the same multimodal data as row a
 viscpm train lm --config $C/lm.toml --set data.train=../../data/shapes/text/corpus_en.jsonl --set train.output_dir=../../runs/shapes/lm-en
@@ -49,3 +62,6 @@ viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft/final --paint 
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-long/final --skip-paint --out runs/shapes/eval-b-long.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-en/final --skip-paint --out runs/shapes/eval-a.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-lm-en/final --skip-paint --out runs/shapes/eval-c.json
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256/final --skip-paint --out runs/shapes/eval-b-256.json
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-long/final --skip-paint --out runs/shapes/eval-b-256-long.json
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-en-256/final --skip-paint --out runs/shapes/eval-a-256.json
