@@ -5,7 +5,7 @@
 #
 # Independent stages run side by side, one core each (OMP_NUM_THREADS=1). Outputs: data/shapes,
 # runs/shapes/*, runs/shapes/eval-*.json. The shipped default is row b (chat) + paint; package it with
-#   python scripts/package_default.py runs/shapes/chat-sft-256-long/final runs/shapes/paint-longer/final
+#   python scripts/package_default.py runs/shapes/chat-sft-256/final runs/shapes/paint-longer/final
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -40,13 +40,10 @@ viscpm train chat-sft --config $C/chat-sft.toml --set "$EN_ONLY" --set train.out
 wait $PAINT
 wait  # lm-256
 
-# rows a and b over the larger LLM; the packaged chat model is row b continued for 2,500 steps
-# (a new seed, so the continuation sees a new data order)
+# rows a and b over the larger LLM; row b's model is the packaged chat model
 viscpm train chat-align --config $C/chat-align-256.toml
 viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-align-256/final \
     --set train.output_dir=../../runs/shapes/chat-sft-256
-viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-sft-256/final \
-    --set train.output_dir=../../runs/shapes/chat-sft-256-long --set train.seed=1
 viscpm train chat-sft --config $C/chat-sft.toml --set "$EN_ONLY" --set model.init=../../runs/shapes/chat-align-256/final \
     --set train.output_dir=../../runs/shapes/chat-sft-en-256
 
@@ -63,5 +60,4 @@ viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-long/final --s
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-en/final --skip-paint --out runs/shapes/eval-a.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-lm-en/final --skip-paint --out runs/shapes/eval-c.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256/final --skip-paint --out runs/shapes/eval-b-256.json
-viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-long/final --skip-paint --out runs/shapes/eval-b-256-long.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-en-256/final --skip-paint --out runs/shapes/eval-a-256.json
