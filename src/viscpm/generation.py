@@ -101,6 +101,7 @@ class _Decoder:
         self.bos_id = prompt.bos_id
         inputs = prompt.inputs
         batch = inputs.input_ids.size(0)
+        self.rows_per_sample = rows_per_sample
         self.sample_of_row = torch.arange(batch).repeat_interleave(rows_per_sample)
         # columns each sample may not produce: <unk> unless the prompt's reverse table holds it,
         # and every ext column that is not one of its own
@@ -140,7 +141,8 @@ class _Decoder:
             cache=self.cache,
             compute_logits=False,
         )
-        self.cache.reorder(self.sample_of_row.to(self.banned.device))
+        if self.rows_per_sample > 1:  # greedy and sampling keep one row per sample: nothing to copy
+            self.cache.reorder(self.sample_of_row.to(self.banned.device))
 
     def step(self, slots: Sequence[_Slot]) -> torch.Tensor:
         """Feed each row's next token; return (rows, V + E) float logits with banned columns set."""
