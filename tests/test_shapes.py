@@ -152,7 +152,8 @@ def test_descriptions_are_deterministic_complete_and_varied() -> None:
     assert "画面左上角有一个红色的小圆形。" in texts
 
 
-def test_every_generated_answer_scores_as_correct() -> None:
+@pytest.mark.parametrize("evidence_first", [False, True])
+def test_every_generated_answer_scores_as_correct(evidence_first: bool) -> None:
     """Self-consistency: each answer text reads back as the canonical answer, in the question's language."""
     rng = random.Random(5)
     forms = set()
@@ -163,12 +164,31 @@ def test_every_generated_answer_scores_as_correct() -> None:
             except ValueError:  # e.g. where two identical shapes cannot be told apart
                 continue
             for lang in LANGS:
-                qa = realise(plan, lang, rng)
+                qa = realise(plan, lang, rng, evidence_first)
                 forms.add((kind, qa.form))
                 result = score_answer(qa.answer, {**qa.to_dict()})
                 assert result.correct, (qa.question, qa.answer, qa.answers, result)
                 assert result.lang_match and answer_language(qa.question) == lang
     assert forms >= {(k, "open") for k in KINDS if k != "existence"} | {(k, "yesno") for k in KINDS if k != "count"}
+
+
+def test_evidence_first_answers_state_the_attribute_then_the_verdict() -> None:
+    scene = Scene((ShapeObject("triangle", "blue", "large", 0, 0), ShapeObject("circle", "red", "small", 2, 2)))
+    seen = {}
+    for seed in range(200):
+        plan = plan_question(scene, random.Random(seed), form="yesno")
+        if plan.kind in ("existence", "count"):  # existence keeps its answers; counts are open
+            continue
+        for lang in LANGS:
+            before, after = realise(plan, lang, random.Random(seed)), realise(plan, lang, random.Random(seed), True)
+            assert after.question == before.question and after.answers == before.answers
+            *evidence, verdict = re.split(r"(?<=[.。])", after.answer.strip())[:-1]
+            assert len(evidence) == 1 and extract_answer(verdict, plan.kind, "yesno") == plan.truth, after.answer
+            # the evidence is what the object really is, asked about or not
+            assert extract_answer(evidence[0], plan.kind) == (plan.actual or plan.truth if plan.truth == "no"
+                                                              else plan.proposal or plan.truth), after.answer
+            seen[lang, plan.truth] = after.answer
+    assert len(seen) == 4, seen
 
 
 def test_paired_questions_ask_the_same_thing() -> None:
@@ -204,6 +224,13 @@ def test_paired_questions_ask_the_same_thing() -> None:
     ("图中没有蓝色的正方形。", "existence", "yesno", "zh", "no"),
     ("Yes, there is one at the top.", "existence", "yesno", "en", "yes"),
     ("I don't know.", "colour", "open", "en", None),
+    # evidence first: a closing verdict sentence decides; otherwise the first yes/no word does
+    ("It is big. No.", "size", "yesno", "en", "no"),
+    ("It is not red, it is blue. Yes.", "colour", "yesno", "en", "yes"),
+    ("它是小的。不对。", "size", "yesno", "zh", "no"),
+    ("它在左上角。是的。", "position", "yesno", "zh", "yes"),
+    ("No, it is not. It is big.", "size", "yesno", "en", "no"),
+    ("No. It is big. Yes, big.", "size", "yesno", "en", "no"),
 ])
 def test_extract_answer(reply: str, kind: str, form: str, lang: str, expected: str | None) -> None:
     assert extract_answer(reply, kind, form) == expected

@@ -44,6 +44,17 @@ def test_same_seed_gives_identical_files(corpus: CorpusPaths, tmp_path: Path) ->
     assert _files(other.root)["multimodal/captions.jsonl"] != _files(corpus.root)["multimodal/captions.jsonl"]
 
 
+def test_evidence_first_changes_only_the_instruction_dialogues(corpus: CorpusPaths, tmp_path: Path) -> None:
+    evidence = build_corpora(tmp_path / "e", seed=3, sizes=SMALL, evidence_first=True)
+    before, after = _files(corpus.root), _files(evidence.root)
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {"multimodal/instruct_en.jsonl", "multimodal/instruct_zh.jsonl", "manifest.json"}
+    assert json.loads(after["manifest.json"])["yes_no_answers"] == "evidence first"
+    answers = [t["value"] for d in read_jsonl(evidence.instruct_en) for t in d["conversations"] if t["from"] == "gpt"]
+    assert any(re.fullmatch(r"[^.]+\. (Yes|No)\.", a) for a in answers)
+    assert not any(re.match(r"(Yes|No), it is", a) for a in answers)
+
+
 def test_manifest_counts_match_files(corpus: CorpusPaths) -> None:
     manifest = json.loads(corpus.manifest.read_text(encoding="utf-8"))
     counts = manifest["counts"]

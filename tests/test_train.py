@@ -227,6 +227,10 @@ def test_paint_stages_freeze_what_they_should_and_load_in_the_pipeline(tmp_path,
     image = painter.paint("a red image", num_inference_steps=2, seed=0)[0].image
     assert image.size == (16, 16)
 
+    _, _, losses = run_stage(tmp_path, "paint-xattn", {"init": tmp_path / "paint-bridge" / "final", "unet": "all"},
+                             {"train": world["captions"]}, max_steps=2, output_dir=tmp_path / "min-snr", snr_gamma=5.0)
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+
     recipe, _, _ = run_stage(tmp_path, "paint-xattn", {"init": tmp_path / "paint-bridge" / "final"},
                              {"train": world["captions"]}, max_steps=2, output_dir=tmp_path / "xattn-lora",
                              lora={"r": 2, "alpha": 4, "target_modules": ["attn2.to_q", "attn2.to_k", "attn2.to_v"]})
@@ -239,3 +243,29 @@ def test_paint_stages_freeze_what_they_should_and_load_in_the_pipeline(tmp_path,
 def test_shipped_configs_parse(path):
     config = TrainConfig.from_file(path)
     assert config.train.max_steps > 0
+
+
+def test_min_snr_weights_follow_their_definition():
+    """Min-SNR-γ for noise prediction: weight min(SNR, γ) / SNR, SNR = ᾱ / (1 − ᾱ) of the timestep."""
+    from diffusers import DDPMScheduler
+
+    from viscpm.models.paint import SD21_BASE_SCHEDULER
+    from viscpm.train.recipes import _diffusion_loss_weights
+
+    schedule = DDPMScheduler.from_config(SD21_BASE_SCHEDULER)
+    timesteps = torch.tensor([0, 10, 100, 400, 999])
+    alpha_bar = schedule.alphas_cumprod[timesteps].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.double)) / snr
+    weights = _diffusion_loss_weights(schedule, 5.0)(timesteps)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=0)
+    assert weights[0] < 0.01 and weights[-1] == 1  # nearly clean steps count little, noisy ones fully
+    assert torch.equal(_diffusion_loss_weights(schedule, None)(timesteps), torch.ones(5))
+    with pytest.raises(ValueError, match="epsilon"):
+        _diffusion_loss_weights(DDPMScheduler.from_config({**SD21_BASE_SCHEDULER, "prediction_type": "v_prediction"}), 5.0)
+
+
+def test_snr_gamma_must_be_positive(tmp_path, world):
+    with pytest.raises(ValueError, match="snr_gamma must be positive"):
+        TrainConfig.from_file(write_config(tmp_path / "c.toml", {}, {"train": world["texts"]},
+                                           {"output_dir": tmp_path, "max_steps": 3, "snr_gamma": 0.0}))

@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -256,11 +257,15 @@ def build_corpora(
     sizes: CorpusSizes | None = None,
     heldout: Sequence[Pair] = HELDOUT_PAIRS,
     image_size: int = 64,
+    evidence_first: bool = False,
 ) -> CorpusPaths:
     """Write every ShapesWorld file under ``out_dir`` (layout in the module docstring).
 
     The same ``seed`` and sizes give byte-identical files. ``heldout`` colour–shape pairs are kept
     out of all multimodal training data and make up half of the evaluation scenes.
+    ``evidence_first`` words the instruction dialogues' yes/no answers evidence first (see
+    :func:`~viscpm.shapes.language.realise`); every other file, the vocabulary included, is the same
+    as without it, so LLMs trained on either corpus serve both.
     """
     sizes = sizes or CorpusSizes()
     heldout = tuple((str(c), str(s)) for c, s in heldout)
@@ -281,11 +286,12 @@ def build_corpora(
     train_scenes = [sample_scene(rng, exclude=heldout) for _ in range(sizes.train_images)]
     images = [_save_image(s, mm, i, image_size) for i, s in enumerate(train_scenes)]
     captions = [{"image": im, "caption": describe(s, "en", rng)} for im, s in zip(images, train_scenes)]
-    dialogues_en = [conversation(make_dialogue(s, "en", rng, rng.randint(1, sizes.max_turns), avoid=heldout), im,
-                                 f"en-{i:06d}") for i, (im, s) in enumerate(zip(images, train_scenes))]
+    dialogue = partial(make_dialogue, avoid=heldout, evidence_first=evidence_first)
+    dialogues_en = [conversation(dialogue(s, "en", rng, rng.randint(1, sizes.max_turns)), im, f"en-{i:06d}")
+                    for i, (im, s) in enumerate(zip(images, train_scenes))]
     zh_ids = sorted(rng.sample(range(sizes.train_images), sizes.zh_instruct))
-    dialogues_zh = [conversation(make_dialogue(train_scenes[i], "zh", rng, rng.randint(1, sizes.max_turns),
-                                               avoid=heldout), images[i], f"zh-{i:06d}") for i in zh_ids]
+    dialogues_zh = [conversation(dialogue(train_scenes[i], "zh", rng, rng.randint(1, sizes.max_turns)), images[i],
+                                 f"zh-{i:06d}") for i in zh_ids]
     counts["train_images"] = _write_jsonl(paths.captions, captions)
     counts["instruct_en"] = _write_jsonl(paths.instruct_en, dialogues_en)
     counts["instruct_zh"] = _write_jsonl(paths.instruct_zh, dialogues_zh)
@@ -348,6 +354,7 @@ def build_corpora(
         "image_size": image_size,
         "sizes": asdict(sizes),
         "heldout_pairs": [list(p) for p in heldout],
+        "yes_no_answers": "evidence first" if evidence_first else "verdict first",
         "world": {"shapes": list(SHAPES), "colours": list(COLOURS), "sizes": list(SIZES), "grid": 3},
         "counts": counts,
         "vocab_size": len(vocab),
@@ -387,6 +394,9 @@ def add_shapes_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--out", required=True, help="output folder (new, or an earlier ShapesWorld corpus)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument("--evidence-first", action="store_true",
+                        help='word yes/no answers in the instruction dialogues as what is seen, then the verdict '
+                             '("It is big. Yes.") instead of "Yes, it is big."')
     for f in fields(CorpusSizes):
         default = "10%% of --train-images" if f.default is None else f.default
         parser.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default, help=f"(default {default})")
@@ -405,7 +415,8 @@ def run_shapes(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     stdout = stdout or sys.stdout
     sizes = CorpusSizes(**{f.name: getattr(args, f.name) for f in fields(CorpusSizes)})
     start = time.perf_counter()
-    paths = build_corpora(args.out, seed=args.seed, sizes=sizes, image_size=args.image_size)
+    paths = build_corpora(args.out, seed=args.seed, sizes=sizes, image_size=args.image_size,
+                          evidence_first=args.evidence_first)
     manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
     counts = manifest["counts"]
     print(f"ShapesWorld corpus written to {paths.root} in {time.perf_counter() - start:.1f}s: "

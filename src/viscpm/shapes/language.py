@@ -398,7 +398,7 @@ def _ref_zh(plan: QuestionPlan, rng: random.Random) -> str:
     return _noun_zh(spec, rng)
 
 
-def _realise_en(plan: QuestionPlan, rng: random.Random) -> tuple[str, str]:
+def _realise_en(plan: QuestionPlan, rng: random.Random, evidence_first: bool = False) -> tuple[str, str]:
     kind, form, spec, truth = plan.kind, plan.form, plan.spec_dict, plan.truth
     pick = rng.choice
     if kind == "count":
@@ -456,12 +456,16 @@ def _realise_en(plan: QuestionPlan, rng: random.Random) -> tuple[str, str]:
 
     proposal = value(kind, plan.proposal or truth)
     q = f"Is {ref} {proposal}?"
+    if evidence_first:
+        seen = proposal if truth == "yes" else value(kind, actual)
+        subject = "it" if plan.pronoun or rng.random() < 0.6 else ref
+        return q, f"{_cap(subject)} is {seen}. {'Yes' if truth == 'yes' else 'No'}."
     if truth == "yes":
         return q, pick((f"Yes, it is {proposal}.", "Yes.", f"Yes, {ref} is {proposal}." if not plan.pronoun else "Yes."))
     return q, pick((f"No, it is {value(kind, actual)}.", f"No, it is not. It is {value(kind, actual)}."))
 
 
-def _realise_zh(plan: QuestionPlan, rng: random.Random) -> tuple[str, str]:
+def _realise_zh(plan: QuestionPlan, rng: random.Random, evidence_first: bool = False) -> tuple[str, str]:
     kind, form, spec, truth = plan.kind, plan.form, plan.spec_dict, plan.truth
     pick = rng.choice
     if kind == "count":
@@ -523,15 +527,24 @@ def _realise_zh(plan: QuestionPlan, rng: random.Random) -> tuple[str, str]:
         no = lambda x: pick((f"不是，它在{x}。", f"不对，在{x}。"))  # noqa: E731
     if form == "open":
         return q, says(v)
+    if evidence_first:
+        seen = v if truth == "yes" else value(kind, actual)
+        states = {"colour": "它是{}的。", "shape": "它是一个{}。", "size": "它是{}的。"}.get(kind, "它在{}。")
+        return q, states.format(seen) + (pick(("对。", "是的。")) if truth == "yes" else pick(("不对。", "不是。")))
     if truth == "yes":
         return q, pick(("是的。", "对。", "是的，" + says(v)))
     return q, no(value(kind, actual))
 
 
-def realise(plan: QuestionPlan, lang: str, rng: random.Random) -> QA:
-    """Word a planned question and its answer in ``lang``."""
+def realise(plan: QuestionPlan, lang: str, rng: random.Random, evidence_first: bool = False) -> QA:
+    """Word a planned question and its answer in ``lang``.
+
+    ``evidence_first`` words yes/no answers about an attribute as the attribute seen, then the
+    verdict ("It is big. Yes." / "它是小的。不对。") instead of verdict first ("Yes, it is big."):
+    a small model then compares after it has written what it sees, not in the answer's first token.
+    """
     _check_lang(lang)
-    q, a = (_realise_en if lang == "en" else _realise_zh)(plan, rng)
+    q, a = (_realise_en if lang == "en" else _realise_zh)(plan, rng, evidence_first)
     return QA(q, a, plan.kind, plan.form, lang, (plan.truth,), plan.pairs(), plan.target)
 
 
@@ -544,12 +557,12 @@ def make_qa(scene: Scene, lang: str, rng: random.Random, kind: str | None = None
 
 def make_dialogue(scene: Scene, lang: str, rng: random.Random, turns: int = 3, *,
                   avoid: Collection[Pair] = (), describe_prob: float = 0.25,
-                  follow_up_prob: float = 0.5) -> list[QA]:
+                  follow_up_prob: float = 0.5, evidence_first: bool = False) -> list[QA]:
     """A multi-turn conversation about ``scene`` in ``lang``.
 
     The first turn asks for a description with probability ``describe_prob``; after a question
     about one object, the next turn asks about the same object as "it"/"它" with probability
-    ``follow_up_prob``, so later answers depend on earlier turns.
+    ``follow_up_prob``, so later answers depend on earlier turns. ``evidence_first``: see :func:`realise`.
     """
     _check_lang(lang)
     if turns < 1:
@@ -564,7 +577,7 @@ def make_dialogue(scene: Scene, lang: str, rng: random.Random, turns: int = 3, *
         follow = previous is not None and rng.random() < follow_up_prob
         kind = rng.choice(_OBJECT_KINDS) if follow else None
         plan = plan_question(scene, rng, kind, avoid=avoid, previous=previous if follow else None)
-        qa = realise(plan, lang, rng)
+        qa = realise(plan, lang, rng, evidence_first)
         dialogue.append(qa)
         previous = plan.target if plan.kind in _OBJECT_KINDS else None
     return dialogue
@@ -601,6 +614,8 @@ _SHAPE_PATTERNS = {"circle": r"\bcircles?\b|\bround\b|圆", "square": r"\bsquare
 _SIZE_PATTERNS = {"small": r"\bsmall\b|\blittle\b|\btiny\b|小", "large": r"\blarge\b|\bbig\b|\bhuge\b|大"}
 _YESNO_PATTERNS = {"yes": r"\byes\b|\byeah\b|\byep\b|\bcorrect\b|是|有|对|嗯",
                    "no": r"\bno\b|\bnot\b|\bnope\b|n't\b|\bnone\b|不|没|否|无"}
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？])")
+_VERDICT = re.compile(r"(yes|yeah|yep|no|nope|correct|是的?|对|不对|不是)[.!。！]?", re.IGNORECASE)
 _NUMBER_PATTERNS = {str(i): rf"\b{w}\b|\b{i}\b|{z}" for i, (w, z) in enumerate(zip(NUMBER_EN, NUMBER_ZH))}
 _NUMBER_PATTERNS["0"] += r"|\bnone\b|\bzero\b|没有|无"
 _NUMBER_PATTERNS["1"] += r"|\bsingle\b"
@@ -628,6 +643,10 @@ def extract_answer(text: str, kind: str, form: str = "open") -> str | None:
     for noise in _ZH_NOISE:
         text = text.replace(noise, " ")
     if form == "yesno" or kind == "existence":
+        # a reply that reasons first ends in a verdict sentence of its own ("It is big. Yes.")
+        sentences = [s for s in _SENTENCE_END.split(text) if s.strip()]
+        if len(sentences) > 1 and _VERDICT.fullmatch(sentences[-1].strip()):
+            text = sentences[-1]
         return _first(text, _YESNO_PATTERNS, _EN)
     patterns = {"colour": _COLOUR_PATTERNS, "shape": _SHAPE_PATTERNS, "size": _SIZE_PATTERNS,
                 "count": _NUMBER_PATTERNS}.get(kind)

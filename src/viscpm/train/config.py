@@ -58,6 +58,7 @@ class TrainSection:
     log_every: int = 10
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate)
     gradient_checkpointing: bool = False
+    snr_gamma: float | None = None  # paint stages: Min-SNR-γ loss weights (diffusers' --snr_gamma; 5 is usual)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {t.lr_schedule!r}")
         if not 0 <= self.data.max_skipped_fraction <= 1:
             raise ValueError("max_skipped_fraction must be between 0 and 1")
+        if t.snr_gamma is not None and t.snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be positive, got {t.snr_gamma}")
         if self.model.unet not in ("cross_attention", "all"):
             raise ValueError(f"[model] unet must be 'cross_attention' or 'all', got {self.model.unet!r}")
 

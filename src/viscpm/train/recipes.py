@@ -402,6 +402,7 @@ def _paint_recipe(name: str, config: TrainConfig, unet_trainable: bool | str) ->
         else:
             items.append((record, caption))
     noise_schedule = _training_noise_schedule(model_config.scheduler)
+    loss_weights = _diffusion_loss_weights(noise_schedule, config.train.snr_gamma)
     dropout = config.data.caption_dropout
 
     def collate(examples: list[PaintExample]):
@@ -420,7 +421,8 @@ def _paint_recipe(name: str, config: TrainConfig, unet_trainable: bool | str) ->
         timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(latents),), device=device)
         noisy = noise_schedule.add_noise(latents, noise, timesteps)
         prediction = model(noisy, timesteps, inputs.to(device))
-        return (prediction.float() - noise.float()).pow(2).flatten(1).mean(1).sum()
+        per_sample = (prediction.float() - noise.float()).pow(2).flatten(1).mean(1)
+        return (per_sample * loss_weights(timesteps)).sum()
 
     def save(model: nn.Module, folder: Path) -> None:
         save_folder(merge_lora(model), model_config, folder, vocab)
@@ -434,6 +436,24 @@ def _training_noise_schedule(scheduler_config: dict):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(scheduler_config)
+
+
+def _diffusion_loss_weights(noise_schedule, snr_gamma: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-sample weights of the noise-prediction loss: 1, or Min-SNR-γ (Hang et al. 2023), which
+    caps how much the nearly clean timesteps count so the model spends its capacity on the noisy
+    ones where the layout is decided. The weights are diffusers' train_text_to_image ones."""
+    if snr_gamma is None:
+        return lambda timesteps: torch.ones(len(timesteps), device=timesteps.device)
+    from diffusers.training_utils import compute_snr
+
+    if noise_schedule.config.prediction_type != "epsilon":  # the loss above targets the noise
+        raise ValueError(f"snr_gamma needs an epsilon-prediction scheduler, not {noise_schedule.config.prediction_type!r}")
+
+    def weights(timesteps: torch.Tensor) -> torch.Tensor:
+        snr = compute_snr(noise_schedule, timesteps)
+        return snr.clamp(max=snr_gamma) / snr
+
+    return weights
 
 
 def paint_bridge(config: TrainConfig) -> Recipe:
