@@ -48,7 +48,9 @@ def test_evidence_first_changes_only_the_instruction_dialogues(corpus: CorpusPat
     evidence = build_corpora(tmp_path / "e", seed=3, sizes=SMALL, evidence_first=True)
     before, after = _files(corpus.root), _files(evidence.root)
     changed = {name for name in before if before[name] != after[name]}
-    assert changed == {"multimodal/instruct_en.jsonl", "multimodal/instruct_zh.jsonl", "manifest.json"}
+    # the Chinese captions come after the dialogues in the same random stream, so they move with them
+    assert changed == {"multimodal/instruct_en.jsonl", "multimodal/instruct_zh.jsonl", "multimodal/captions_zh.jsonl",
+                       "manifest.json"}
     assert json.loads(after["manifest.json"])["yes_no_answers"] == "evidence first"
     answers = [t["value"] for d in read_jsonl(evidence.instruct_en) for t in d["conversations"] if t["from"] == "gpt"]
     assert any(re.fullmatch(r"[^.]+\. (Yes|No)\.", a) for a in answers)
@@ -58,7 +60,7 @@ def test_evidence_first_changes_only_the_instruction_dialogues(corpus: CorpusPat
 def test_manifest_counts_match_files(corpus: CorpusPaths) -> None:
     manifest = json.loads(corpus.manifest.read_text(encoding="utf-8"))
     counts = manifest["counts"]
-    for name in ("text", "text_en", "instruct_en", "instruct_zh", "eval_qa", "paint_prompts"):
+    for name in ("text", "text_en", "instruct_en", "instruct_zh", "captions_zh", "eval_qa", "paint_prompts"):
         assert counts[name] == len(read_jsonl(getattr(corpus, name))), name
     assert counts["train_images"] == SMALL.train_images == len(list((corpus.root / "multimodal/images").glob("*.png")))
     assert counts["eval_qa"] == SMALL.eval_images * SMALL.eval_questions_per_image * 2
@@ -82,6 +84,13 @@ def test_multimodal_formats(corpus: CorpusPaths) -> None:
     en_ids = {r["image"] for r in read_jsonl(corpus.instruct_en)}
     zh = read_jsonl(corpus.instruct_zh)
     assert len(zh) == SMALL.zh_instruct and {r["image"] for r in zh} <= en_ids
+    captions_zh = read_jsonl(corpus.captions_zh)  # Paint's translated set: the same images, described in Chinese
+    assert [r["image"] for r in captions_zh] == [r["image"] for r in zh]
+    assert all(list(r) == ["image", "caption"] and re.search(r"[\u4e00-\u9fff]", r["caption"]) for r in captions_zh)
+    shapes_zh = "|".join(SHAPE_ZH.values())
+    for row in captions_zh:  # each caption names the shapes the image shows
+        scene = analyse(Image.open(folder / row["image"]))
+        assert {SHAPE_ZH[o.shape] for o in scene.objects} <= set(re.findall(shapes_zh, row["caption"])), row
 
 
 def test_text_corpus_format(corpus: CorpusPaths, tok: CPMBeeTokenizer) -> None:
@@ -122,7 +131,8 @@ def _mentions_pair(text: str, colour: str, shape: str) -> bool:
 
 def test_heldout_pairs_absent_from_multimodal_training(corpus: CorpusPaths) -> None:
     folder = corpus.captions.parent
-    records = read_jsonl(corpus.captions) + read_jsonl(corpus.instruct_en) + read_jsonl(corpus.instruct_zh)
+    records = (read_jsonl(corpus.captions) + read_jsonl(corpus.captions_zh) + read_jsonl(corpus.instruct_en)
+               + read_jsonl(corpus.instruct_zh))
     for image in {r["image"] for r in records}:  # the pixels themselves
         assert not analyse(Image.open(folder / image)).pairs & set(HELDOUT_PAIRS), image
     texts = [r.get("caption", "") for r in records] + [t["value"] for r in records for t in r.get("conversations", [])]

@@ -10,6 +10,7 @@ Layout of ``out_dir`` (every JSONL path to an image is relative to the JSONL fil
     multimodal/captions.jsonl      {"image", "caption"}   (chat stage 1 and Paint training)
     multimodal/instruct_en.jsonl   LLaVA-style {"id", "image", "conversations"}, English
     multimodal/instruct_zh.jsonl   the small translated-Chinese instruction set (same images)
+    multimodal/captions_zh.jsonl   the same images' captions in Chinese (Paint's translated set)
     eval/images/*.png              unseen images; half show a held-out composition
     eval/captions.jsonl            English captions of the eval images (validation loss)
     eval/qa.jsonl                  each question in English and in Chinese, with accepted answers
@@ -89,6 +90,7 @@ class CorpusPaths:
     captions: Path
     instruct_en: Path
     instruct_zh: Path
+    captions_zh: Path
     eval_captions: Path
     eval_qa: Path
     paint_prompts: Path
@@ -99,7 +101,8 @@ class CorpusPaths:
         mm, ev = root / "multimodal", root / "eval"
         return cls(root, root / "vocab.txt", root / "manifest.json", root / "text" / "corpus.jsonl",
                    root / "text" / "corpus_en.jsonl", mm / "captions.jsonl", mm / "instruct_en.jsonl",
-                   mm / "instruct_zh.jsonl", ev / "captions.jsonl", ev / "qa.jsonl", ev / "paint_prompts.jsonl")
+                   mm / "instruct_zh.jsonl", mm / "captions_zh.jsonl", ev / "captions.jsonl", ev / "qa.jsonl",
+                   ev / "paint_prompts.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,12 +295,15 @@ def build_corpora(
     zh_ids = sorted(rng.sample(range(sizes.train_images), sizes.zh_instruct))
     dialogues_zh = [conversation(dialogue(train_scenes[i], "zh", rng, rng.randint(1, sizes.max_turns)), images[i],
                                  f"zh-{i:06d}") for i in zh_ids]
+    # drawn last, so every file above stays as it was before this set existed
+    captions_zh = [{"image": images[i], "caption": describe(train_scenes[i], "zh", rng)} for i in zh_ids]
     counts["train_images"] = _write_jsonl(paths.captions, captions)
     counts["instruct_en"] = _write_jsonl(paths.instruct_en, dialogues_en)
     counts["instruct_zh"] = _write_jsonl(paths.instruct_zh, dialogues_zh)
+    counts["captions_zh"] = _write_jsonl(paths.captions_zh, captions_zh)
     counts["instruct_en_turns"] = sum(len(d["conversations"]) // 2 for d in dialogues_en)
     counts["instruct_zh_turns"] = sum(len(d["conversations"]) // 2 for d in dialogues_zh)
-    texts += [c["caption"] for c in captions]
+    texts += [c["caption"] for c in captions + captions_zh]
     texts += [t["value"].removeprefix(IMAGE_TOKEN + "\n") for d in dialogues_en + dialogues_zh for t in d["conversations"]]
     logger.info("multimodal: %d images in %.1fs", len(images), time.perf_counter() - start)
 
