@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from viscpm.pipelines.defaults import PACKAGED_BYTES_LIMIT
+
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "viscpm" / "assets"
 
 
@@ -30,7 +32,9 @@ def main(chat: str, paint: str) -> None:
     half_copy(Path(chat), ASSETS / "chat")
     half_copy(Path(paint), ASSETS / "paint")
     total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
-    print(f"packaged into {ASSETS}: {total / 2**20:.1f} MiB")
+    print(f"packaged into {ASSETS}: {total / 1e6:.1f} MB ({total / 2**20:.1f} MiB)")
+    if total > PACKAGED_BYTES_LIMIT:
+        sys.exit(f"over the {PACKAGED_BYTES_LIMIT / 1e6:.0f} MB the package allows: pick smaller models")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from viscpm.pipelines.defaults import default_model_path
+from viscpm.pipelines.defaults import KINDS, PACKAGED_BYTES_LIMIT, default_model_path
 from viscpm.shapes import build_corpora
 from viscpm.shapes.corpus import CorpusSizes
 from viscpm.shapes.evaluate import evaluate_paint, evaluate_qa
@@ -25,6 +25,12 @@ PAINT_EN_SHAPE, PAINT_EN_COLOUR, PAINT_EN_SIZE, PAINT_ZH_SIZE = 0.65, 0.60, 0.80
 def eval_dir(tmp_path_factory):
     """The same held-out set `viscpm eval shapes` uses (seed 0), built fresh."""
     return build_corpora(tmp_path_factory.mktemp("shapes"), seed=0).root / "eval"
+
+
+def test_packaged_models_are_safetensors_configs_and_vocab_within_the_size_limit():
+    files = [path for kind in KINDS for path in default_model_path(kind).rglob("*") if path.is_file()]
+    assert {path.suffix for path in files} == {".safetensors", ".json", ".txt"}
+    assert sum(path.stat().st_size for path in files) <= PACKAGED_BYTES_LIMIT
 
 
 def test_packaged_chat_answers_in_both_languages(eval_dir):

@@ -5,6 +5,7 @@ from importlib import resources
 from pathlib import Path
 
 KINDS = ("chat", "paint")
+PACKAGED_BYTES_LIMIT = 25_000_000  # both default models together, so the wheel stays small
 
 
 def has_default_model(kind: str) -> bool:
