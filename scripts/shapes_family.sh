@@ -27,7 +27,11 @@ viscpm train lm --config $C/lm-256.toml &
   viscpm train paint-xattn --config $C/paint.toml --set model.init=../../runs/shapes/paint/final \
       --set train.output_dir=../../runs/shapes/paint-long --set train.max_steps=2500 --set train.learning_rate=5e-4
   viscpm train paint-xattn --config $C/paint.toml --set model.init=../../runs/shapes/paint-long/final \
-      --set train.output_dir=../../runs/shapes/paint-longer --set train.max_steps=3000 --set train.learning_rate=5e-4 ) &
+      --set train.output_dir=../../runs/shapes/paint-longer --set train.max_steps=3000 --set train.learning_rate=5e-4
+  # recipe v3: a wider UNet with Min-SNR loss weights in one run, then its Chinese-plus variant
+  # (+ the small translated-Chinese caption set)
+  viscpm train paint-xattn --config $C/paint-wide.toml
+  viscpm train paint-xattn --config $C/paint-zhplus.toml ) &
 PAINT=$!
 viscpm train chat-align --config $C/chat-align.toml
 # row b: English dialogues + the small translated-Chinese set
@@ -54,6 +58,13 @@ viscpm train chat-align --config $C/chat-align.toml --set model.llm_init=../../r
 viscpm train chat-sft --config $C/chat-sft.toml --set "$EN_ONLY" --set model.init=../../runs/shapes/chat-align-lm-en/final \
     --set train.output_dir=../../runs/shapes/chat-sft-lm-en
 
+# yes/no answers evidence first ("It is big. Yes.") in the instruction dialogues only; the text
+# corpus and vocabulary are unchanged, so the LLM and chat-align-256 carry over (no gain: README)
+viscpm data shapes --out data/shapes-evidence --seed 0 --evidence-first
+viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-align-256/final \
+    --set 'data.train=["../../data/shapes-evidence/multimodal/instruct_en.jsonl", "../../data/shapes-evidence/multimodal/instruct_zh.jsonl"]' \
+    --set train.output_dir=../../runs/shapes/chat-sft-256-ev
+
 # 3. scores on the held-out sets
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft/final --paint runs/shapes/paint-longer/final --out runs/shapes/eval-b.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-long/final --skip-paint --out runs/shapes/eval-b-long.json
@@ -61,3 +72,6 @@ viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-en/final --ski
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-lm-en/final --skip-paint --out runs/shapes/eval-c.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256/final --skip-paint --out runs/shapes/eval-b-256.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-en-256/final --skip-paint --out runs/shapes/eval-a-256.json
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-ev/final --skip-paint --out runs/shapes/eval-b-256-ev.json
+viscpm eval shapes --data data/shapes --paint runs/shapes/paint-wide/final --skip-chat --out runs/shapes/eval-paint-wide.json
+viscpm eval shapes --data data/shapes --paint runs/shapes/paint-zhplus/final --skip-chat --out runs/shapes/eval-paint-zhplus.json
