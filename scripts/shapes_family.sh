@@ -5,7 +5,7 @@
 #
 # Independent stages run side by side, one core each (OMP_NUM_THREADS=1). Outputs: data/shapes,
 # runs/shapes/*, runs/shapes/eval-*.json. The shipped default is row b (chat) + paint; package it with
-#   python scripts/package_default.py runs/shapes/chat-sft-256/final runs/shapes/paint-longer/final
+#   python scripts/package_default.py runs/shapes/chat-sft-256/final runs/shapes/paint-zhplus/final
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -21,8 +21,8 @@ viscpm train vae --config $C/vae.toml &
 wait
 viscpm train lm --config $C/lm-256.toml &
 
-# 2. paint (English captions, frozen bilingual LLM) beside the chat stages; the packaged paint
-#    model is this run continued twice at a lower learning rate
+# 2. paint (English captions, frozen bilingual LLM) beside the chat stages: recipe v2's model is
+#    this run continued twice at a lower learning rate; the packaged one is paint-zhplus below
 ( viscpm train paint-xattn --config $C/paint.toml
   viscpm train paint-xattn --config $C/paint.toml --set model.init=../../runs/shapes/paint/final \
       --set train.output_dir=../../runs/shapes/paint-long --set train.max_steps=2500 --set train.learning_rate=5e-4

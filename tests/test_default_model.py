@@ -14,11 +14,12 @@ from viscpm.shapes.evaluate import evaluate_paint, evaluate_qa
 pytestmark = pytest.mark.slow
 
 # measured on these subsets with the shipped fp16 weights: QA EN 0.667, ZH 0.600, ZH answered in
-# Chinese 1.0 (int8: EN 0.642, ZH 0.600); paint (default self-reranking) EN shape 0.783, colour 0.717,
-# size 0.883, ZH size 0.783 (exact adherence EN 0.133)
+# Chinese 1.0 (int8: EN 0.642, ZH 0.600); paint (default self-reranking) EN shape 0.867, colour 0.750,
+# size 0.967, ZH shape 0.750, colour 0.567, size 0.950 (exact adherence EN 0.367, ZH 0)
 QA_EN, QA_ZH, ZH_LANGUAGE = 0.62, 0.55, 0.90
 INT8_ALLOWANCE = 5 / 120 + 1e-9  # 5 of the subset's 120 questions per language
-PAINT_EN_SHAPE, PAINT_EN_COLOUR, PAINT_EN_SIZE, PAINT_ZH_SIZE = 0.65, 0.60, 0.80, 0.70
+PAINT_EN_SHAPE, PAINT_EN_COLOUR, PAINT_EN_SIZE = 0.80, 0.68, 0.90
+PAINT_ZH_SHAPE, PAINT_ZH_COLOUR, PAINT_ZH_SIZE = 0.68, 0.50, 0.88
 
 
 @pytest.fixture(scope="module")
@@ -58,4 +59,6 @@ def test_packaged_paint_follows_prompts_in_both_languages(eval_dir):
     assert attributes["en"]["shape"] >= PAINT_EN_SHAPE
     assert attributes["en"]["colour"] >= PAINT_EN_COLOUR
     assert attributes["en"]["size"] >= PAINT_EN_SIZE
+    assert attributes["zh"]["shape"] >= PAINT_ZH_SHAPE
+    assert attributes["zh"]["colour"] >= PAINT_ZH_COLOUR  # the translated captions: 0.28 → 0.42 on the full set (no reranking)
     assert attributes["zh"]["size"] >= PAINT_ZH_SIZE
