@@ -30,7 +30,8 @@ from viscpm.train.config import ModelSection
 from viscpm.train.data import Record
 from viscpm.train.recipes import PromptExamples, _escape_leaves, _llm_arrays, collate_prompts, load_lm
 
-YES_NO_FIRST_TOKENS = {"en": (("Yes",), ("No",)), "zh": (("是", "对", "是的"), ("不", "不是", "没", "没有"))}
+# Chinese existence answers say yes with 有 ("有的。" "有一个。")
+YES_NO_FIRST_TOKENS = {"en": (("Yes",), ("No",)), "zh": (("是", "对", "是的", "有"), ("不", "不是", "没", "没有"))}
 YES_NO_KINDS = ("colour", "shape", "size", "position", "existence")
 OPEN_KINDS = ("colour", "shape", "size")
 
