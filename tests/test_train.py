@@ -12,7 +12,7 @@ from viscpm.checkpoints import load_weights
 from viscpm.models.cpmbee import CPMBEE_KEY_RULES, CPMBEE_PRESETS, CPMBee, CPMBeeConfig
 from viscpm.pipelines.chat import VisCPMChat
 from viscpm.train.config import TrainConfig
-from viscpm.train.engine import parameter_report, train
+from viscpm.train.engine import parameter_groups, parameter_report, train
 from viscpm.train.recipes import build_recipe
 
 from .train_fixtures import write_config, write_world
@@ -269,3 +269,36 @@ def test_snr_gamma_must_be_positive(tmp_path, world):
     with pytest.raises(ValueError, match="snr_gamma must be positive"):
         TrainConfig.from_file(write_config(tmp_path / "c.toml", {}, {"train": world["texts"]},
                                            {"output_dir": tmp_path, "max_steps": 3, "snr_gamma": 0.0}))
+
+
+def test_llm_learning_rate_applies_to_cpmbee_weights_only(tmp_path, world):
+    recipe, _, _ = run_stage(tmp_path, "chat-sft", {"config": world["chat"], "vocab": world["vocab"]},
+                             {"train": world["conversations"]}, max_steps=2, llm_learning_rate=3e-2)
+    records = [json.loads(line) for line in (tmp_path / "chat-sft" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["lr"] == pytest.approx(1e-2) and records[-1]["llm_lr"] == pytest.approx(3e-2)
+    groups = parameter_groups(recipe.model, recipe_config(tmp_path, world, llm_learning_rate=3e-2))
+    llm = {id(p) for p in recipe.model.llm.parameters()}
+    assert [g.get("lr") for g in groups] == [None, 3e-2]  # None: the optimizer's learning_rate
+    assert {id(p) for p in groups[1]["params"]} == llm
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in recipe.model.parameters()} - llm
+
+    # LoRA adapters are ordinary layers: they keep learning_rate; the frozen LLM is in no group
+    config = TrainConfig.from_file(write_config(tmp_path / "lora.toml", {"init": tmp_path / "chat-sft" / "final"},
+                                                {"train": world["conversations"]},
+                                                {"output_dir": tmp_path / "lora", "max_steps": 1,
+                                                 "llm_learning_rate": 3e-2}, {"r": 4, "alpha": 8}))
+    lora = build_recipe("chat-sft", config)
+    groups = parameter_groups(lora.model, config.train)
+    assert len(groups) == 1
+    adapters = {id(p) for n, p in lora.model.llm.named_parameters() if "lora_" in n}
+    assert adapters and adapters <= {id(p) for p in groups[0]["params"]}
+
+
+def recipe_config(tmp_path, world, **train_options):
+    return TrainConfig.from_file(write_config(tmp_path / "groups.toml", {}, {"train": world["texts"]},
+                                              {"output_dir": tmp_path, "max_steps": 1, **train_options})).train
+
+
+def test_learning_rates_must_be_positive(tmp_path, world):
+    with pytest.raises(ValueError, match="llm_learning_rate must be positive"):
+        recipe_config(tmp_path, world, llm_learning_rate=0.0)

@@ -50,6 +50,11 @@ class TrainSection:
     batch_size: int = 8  # global, over all processes
     micro_batch_size: int | None = None  # per process per forward; default: batch_size / processes
     learning_rate: float = 1e-4
+    # peak rate of the CPM-Bee LLM's own weights when they train beside standard-initialised parts
+    # (chat-sft's BEiT-3 and mapping); None = learning_rate. CPM-Bee keeps unit-scale weights and
+    # divides each projection by sqrt(fan-in), so one Adam step moves them about sqrt(d) times
+    # less, relative to their size, than an nn.Linear of the same width.
+    llm_learning_rate: float | None = None
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_schedule: str = "cosine"  # cosine | constant
@@ -128,6 +133,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {t.lr_schedule!r}")
         if not 0 <= self.data.max_skipped_fraction <= 1:
             raise ValueError("max_skipped_fraction must be between 0 and 1")
+        if t.learning_rate <= 0 or (t.llm_learning_rate is not None and t.llm_learning_rate <= 0):
+            raise ValueError("learning_rate and llm_learning_rate must be positive")
         if t.snr_gamma is not None and t.snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be positive, got {t.snr_gamma}")
         if self.model.unet not in ("cross_attention", "all"):

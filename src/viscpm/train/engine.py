@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from ..models.cpmbee import CPMBee
+from .config import TrainConfig, TrainSection
 from .data import BadRecord, GlobalBatches, shard_for_process
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,19 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def parameter_groups(model: nn.Module, t: TrainSection) -> list[dict]:
+    """The trainable parameters as optimizer groups: CPM-Bee's own weights at ``llm_learning_rate``
+    when one is set (LoRA adapters inside it are standard layers and keep ``learning_rate``)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if t.llm_learning_rate is None:
+        return [{"params": [p for _, p in trainable]}]
+    llm = {id(p) for module in model.modules() if isinstance(module, CPMBee)
+           for name, p in module.named_parameters() if "lora_" not in name}
+    groups = [{"params": [p for _, p in trainable if id(p) not in llm]},
+              {"params": [p for _, p in trainable if id(p) in llm], "lr": t.llm_learning_rate}]
+    return [g for g in groups if g["params"]]
+
+
 def train(recipe: Recipe, config: TrainConfig, resume: bool = False) -> TrainerState:
     """Run ``recipe`` to ``config.train.max_steps``; returns the final trainer state."""
     from accelerate import Accelerator
@@ -160,7 +174,7 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = False) -> TrainerS
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"stage {recipe.name} has no trainable parameters")
-    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, t), lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     model, optimizer = accelerator.prepare(model, optimizer)
     # not prepared: accelerate would step it once per process; our steps are global steps
@@ -227,6 +241,8 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = False) -> TrainerS
             record = {"step": state.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                       "items_per_s": items_since / elapsed, "count_per_s": count_since / elapsed,
                       "skipped": sum(state.skipped.values())}
+            if len(scheduler.get_last_lr()) > 1:
+                record["llm_lr"] = scheduler.get_last_lr()[-1]
             if accelerator.is_main_process:
                 with metrics_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
