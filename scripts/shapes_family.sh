@@ -4,8 +4,8 @@
 #   scripts/shapes_family.sh            # everything: data, family (rows a, b), ablation (row c), eval
 #
 # Independent stages run side by side, one core each (OMP_NUM_THREADS=1). Outputs: data/shapes,
-# runs/shapes/*, runs/shapes/eval-*.json. The shipped default is row b (chat) + paint; package it with
-#   python scripts/package_default.py runs/shapes/chat-sft-256/final runs/shapes/paint-zhplus/final
+# runs/shapes/*, runs/shapes/eval-*.json. The shipped default is row b (chat, evidence first, llm_learning_rate) + paint; package it with
+#   python scripts/package_default.py runs/shapes/chat-sft-256-ev-llmlr/final runs/shapes/paint-zhplus/final
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -44,7 +44,7 @@ viscpm train chat-sft --config $C/chat-sft.toml --set "$EN_ONLY" --set train.out
 wait $PAINT
 wait  # lm-256
 
-# rows a and b over the larger LLM; row b's model is the packaged chat model
+# rows a and b over the larger LLM (row b's recipe, refined below, gives the packaged chat model)
 viscpm train chat-align --config $C/chat-align-256.toml
 viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-align-256/final \
     --set train.output_dir=../../runs/shapes/chat-sft-256
@@ -65,6 +65,14 @@ viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shap
     --set 'data.train=["../../data/shapes-evidence/multimodal/instruct_en.jsonl", "../../data/shapes-evidence/multimodal/instruct_zh.jsonl"]' \
     --set train.output_dir=../../runs/shapes/chat-sft-256-ev
 
+# the LLM's unit-scale weights at 10x the rate of the vision side (README: Training); row b's
+# dialogues, then the evidence-first ones: the packaged chat model
+viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-align-256/final \
+    --set train.llm_learning_rate=5e-3 --set train.output_dir=../../runs/shapes/chat-sft-256-llmlr
+viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-align-256/final \
+    --set 'data.train=["../../data/shapes-evidence/multimodal/instruct_en.jsonl", "../../data/shapes-evidence/multimodal/instruct_zh.jsonl"]' \
+    --set train.llm_learning_rate=5e-3 --set train.output_dir=../../runs/shapes/chat-sft-256-ev-llmlr
+
 # 3. scores on the held-out sets
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft/final --paint runs/shapes/paint-longer/final --out runs/shapes/eval-b.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-long/final --skip-paint --out runs/shapes/eval-b-long.json
@@ -73,5 +81,7 @@ viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-lm-en/final --
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256/final --skip-paint --out runs/shapes/eval-b-256.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-en-256/final --skip-paint --out runs/shapes/eval-a-256.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-ev/final --skip-paint --out runs/shapes/eval-b-256-ev.json
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-llmlr/final --skip-paint --out runs/shapes/eval-b-256-llmlr.json
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-ev-llmlr/final --skip-paint --out runs/shapes/eval-b-256-ev-llmlr.json
 viscpm eval shapes --data data/shapes --paint runs/shapes/paint-wide/final --skip-chat --out runs/shapes/eval-paint-wide.json
 viscpm eval shapes --data data/shapes --paint runs/shapes/paint-zhplus/final --skip-chat --out runs/shapes/eval-paint-zhplus.json

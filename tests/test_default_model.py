@@ -13,13 +13,13 @@ from viscpm.shapes.evaluate import evaluate_paint, evaluate_qa
 
 pytestmark = pytest.mark.slow
 
-# measured on these subsets with the shipped fp16 weights: QA EN 0.667, ZH 0.600, ZH answered in
-# Chinese 1.0 (int8: EN 0.642, ZH 0.600); paint (default self-reranking) EN shape 0.867, colour 0.750,
-# size 0.967, ZH shape 0.750, colour 0.567, size 0.950 (exact adherence EN 0.367, ZH 0)
-QA_EN, QA_ZH, ZH_LANGUAGE = 0.62, 0.55, 0.90
+# measured on these subsets with the shipped fp16 weights: QA EN 0.717, ZH 0.683, ZH answered in
+# Chinese 1.0 (int8: EN 0.708, ZH 0.683); paint (default self-reranking by that chat model) EN shape
+# 0.817, colour 0.800, size 0.950, ZH shape 0.667, colour 0.567, size 0.950 (exact EN 0.300, ZH 0)
+QA_EN, QA_ZH, ZH_LANGUAGE = 0.66, 0.62, 0.90
 INT8_ALLOWANCE = 5 / 120 + 1e-9  # 5 of the subset's 120 questions per language
-PAINT_EN_SHAPE, PAINT_EN_COLOUR, PAINT_EN_SIZE = 0.80, 0.68, 0.90
-PAINT_ZH_SHAPE, PAINT_ZH_COLOUR, PAINT_ZH_SIZE = 0.68, 0.50, 0.88
+PAINT_EN_SHAPE, PAINT_EN_COLOUR, PAINT_EN_SIZE = 0.76, 0.72, 0.90
+PAINT_ZH_SHAPE, PAINT_ZH_COLOUR, PAINT_ZH_SIZE = 0.60, 0.50, 0.88
 
 
 @pytest.fixture(scope="module")

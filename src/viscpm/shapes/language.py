@@ -541,8 +541,8 @@ def realise(plan: QuestionPlan, lang: str, rng: random.Random, evidence_first: b
 
     ``evidence_first`` words yes/no answers about an attribute as the attribute seen, then the
     verdict ("It is big. Yes." / "它是小的。不对。") instead of verdict first ("Yes, it is big."),
-    so a model compares after writing what it sees (for the ShapesWorld chat model it did not help:
-    README, "ShapesWorld").
+    so a model compares after writing what it sees (the packaged ShapesWorld chat model is trained
+    this way; it helps once the LLM learns at a fitting rate: README, "ShapesWorld").
     """
     _check_lang(lang)
     q, a = (_realise_en if lang == "en" else _realise_zh)(plan, rng, evidence_first)
