@@ -59,7 +59,7 @@ viscpm train chat-sft --config $C/chat-sft.toml --set "$EN_ONLY" --set model.ini
     --set train.output_dir=../../runs/shapes/chat-sft-lm-en
 
 # yes/no answers evidence first ("It is big. Yes.") in the instruction dialogues only; the text
-# corpus and vocabulary are unchanged, so the LLM and chat-align-256 carry over (no gain: README)
+# corpus and vocabulary are unchanged, so the LLM and chat-align-256 carry over (no gain at this rate: README)
 viscpm data shapes --out data/shapes-evidence --seed 0 --evidence-first
 viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-align-256/final \
     --set 'data.train=["../../data/shapes-evidence/multimodal/instruct_en.jsonl", "../../data/shapes-evidence/multimodal/instruct_zh.jsonl"]' \

@@ -146,13 +146,12 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 def parameter_groups(model: nn.Module, t: TrainSection) -> list[dict]:
     """The trainable parameters as optimizer groups: CPM-Bee's own weights at ``llm_learning_rate``
     when one is set (LoRA adapters inside it are standard layers and keep ``learning_rate``)."""
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if t.llm_learning_rate is None:
-        return [{"params": [p for _, p in trainable]}]
-    llm = {id(p) for module in model.modules() if isinstance(module, CPMBee)
-           for name, p in module.named_parameters() if "lora_" not in name}
-    groups = [{"params": [p for _, p in trainable if id(p) not in llm]},
-              {"params": [p for _, p in trainable if id(p) in llm], "lr": t.llm_learning_rate}]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    llm = set() if t.llm_learning_rate is None else {
+        id(p) for module in model.modules() if isinstance(module, CPMBee)
+        for name, p in module.named_parameters() if "lora_" not in name}
+    groups = [{"params": [p for p in trainable if id(p) not in llm]},
+              {"params": [p for p in trainable if id(p) in llm], "lr": t.llm_learning_rate}]
     return [g for g in groups if g["params"]]
 
 
@@ -171,10 +170,11 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = False) -> TrainerS
 
     model = recipe.model
     logger.info("stage %s — parameters:\n%s", recipe.name, parameter_report(model))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = parameter_groups(model, t)
+    trainable = [p for group in groups for p in group["params"]]
     if not trainable:
         raise ValueError(f"stage {recipe.name} has no trainable parameters")
-    optimizer = torch.optim.AdamW(parameter_groups(model, t), lr=t.learning_rate, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     model, optimizer = accelerator.prepare(model, optimizer)
     # not prepared: accelerate would step it once per process; our steps are global steps
@@ -241,7 +241,7 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = False) -> TrainerS
             record = {"step": state.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                       "items_per_s": items_since / elapsed, "count_per_s": count_since / elapsed,
                       "skipped": sum(state.skipped.values())}
-            if len(scheduler.get_last_lr()) > 1:
+            if len(groups) > 1:
                 record["llm_lr"] = scheduler.get_last_lr()[-1]
             if accelerator.is_main_process:
                 with metrics_path.open("a") as handle:
