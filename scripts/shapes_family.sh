@@ -73,6 +73,18 @@ viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shap
     --set 'data.train=["../../data/shapes-evidence/multimodal/instruct_en.jsonl", "../../data/shapes-evidence/multimodal/instruct_zh.jsonl"]' \
     --set train.llm_learning_rate=5e-3 --set train.output_dir=../../runs/shapes/chat-sft-256-ev-llmlr
 
+# two more corpora under other seeds whose training images avoid seed 0's evaluation scenes (same
+# vocabulary): three times the images for a continuation of the chat model above and of paint-zhplus
+viscpm data shapes --out data/shapes-evidence-s1 --seed 1 --evidence-first --avoid-eval-of data/shapes
+viscpm data shapes --out data/shapes-evidence-s2 --seed 2 --evidence-first --avoid-eval-of data/shapes
+D=../../data/shapes-evidence
+viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-sft-256-ev-llmlr/final \
+    --set "data.train=[\"$D/multimodal/instruct_en.jsonl\", \"$D/multimodal/instruct_zh.jsonl\", \"$D-s1/multimodal/instruct_en.jsonl\", \"$D-s1/multimodal/instruct_zh.jsonl\", \"$D-s2/multimodal/instruct_en.jsonl\", \"$D-s2/multimodal/instruct_zh.jsonl\"]" \
+    --set train.llm_learning_rate=5e-3 --set train.seed=1 --set train.output_dir=../../runs/shapes/chat-sft-256-ev-llmlr-more
+viscpm train paint-xattn --config $C/paint-zhplus.toml --set model.init=../../runs/shapes/paint-zhplus/final \
+    --set "data.train=[\"../../data/shapes/multimodal/captions.jsonl\", \"../../data/shapes/multimodal/captions_zh.jsonl\", \"$D-s1/multimodal/captions.jsonl\", \"$D-s1/multimodal/captions_zh.jsonl\", \"$D-s2/multimodal/captions.jsonl\", \"$D-s2/multimodal/captions_zh.jsonl\"]" \
+    --set train.max_steps=3000 --set train.seed=2 --set train.output_dir=../../runs/shapes/paint-zhplus-more
+
 # 3. scores on the held-out sets
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft/final --paint runs/shapes/paint-longer/final --out runs/shapes/eval-b.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-long/final --skip-paint --out runs/shapes/eval-b-long.json
@@ -85,3 +97,5 @@ viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-llmlr/fina
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-ev-llmlr/final --skip-paint --out runs/shapes/eval-b-256-ev-llmlr.json
 viscpm eval shapes --data data/shapes --paint runs/shapes/paint-wide/final --skip-chat --out runs/shapes/eval-paint-wide.json
 viscpm eval shapes --data data/shapes --paint runs/shapes/paint-zhplus/final --skip-chat --out runs/shapes/eval-paint-zhplus.json
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-ev-llmlr-more/final --skip-paint --out runs/shapes/eval-b-256-more.json
+viscpm eval shapes --data data/shapes --paint runs/shapes/paint-zhplus-more/final --skip-chat --out runs/shapes/eval-paint-zhplus-more.json

@@ -5,13 +5,15 @@ import argparse
 import io
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from viscpm.prompt import convert_data_to_id
-from viscpm.shapes import CorpusSizes, analyse, build_corpora, build_vocab, read_jsonl, score_answer
+from viscpm.shapes import (CorpusSizes, analyse, build_corpora, build_vocab, eval_scene_keys, read_jsonl,
+                           score_answer)
 from viscpm.shapes.corpus import SPECIAL_TOKENS, CorpusPaths, add_shapes_parser, write_vocab
 from viscpm.shapes.language import COLOUR_ZH, SHAPE_EN, SHAPE_ZH
 from viscpm.shapes.world import HELDOUT_PAIRS, Scene
@@ -196,3 +198,29 @@ def test_cli_parser_and_bad_sizes(tmp_path: Path) -> None:
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty"):
         build_corpora(tmp_path / "busy", sizes=SMALL)
+
+
+def test_a_second_corpus_can_avoid_the_first_ones_evaluation_scenes(tmp_path: Path) -> None:
+    first = build_corpora(tmp_path / "first", seed=3, sizes=CorpusSizes(
+        train_images=40, text=50, eval_images=120, eval_questions_per_image=1, paint_prompts=40))
+    held_out = eval_scene_keys(first.root)
+    assert len(held_out) == 160  # evaluation scenes are all distinct
+
+    second_sizes = CorpusSizes(train_images=300, text=50, eval_images=4, eval_questions_per_image=1, paint_prompts=2)
+
+    def shown(corpus: CorpusPaths) -> set[str]:
+        return {analyse(Image.open(corpus.captions.parent / c["image"])).key() for c in read_jsonl(corpus.captions)}
+
+    # one-shape scenes are few (378), so without the option a 300-image corpus does show some
+    assert shown(build_corpora(tmp_path / "plain", seed=4, sizes=second_sizes)) & held_out
+    parser = argparse.ArgumentParser()
+    add_shapes_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["shapes", "--out", str(tmp_path / "second"), "--seed", "4", "--avoid-eval-of",
+                              str(first.root), *[f"--{k.replace('_', '-')}={v}" for k, v in asdict(second_sizes).items()
+                                                 if v is not None]])
+    assert args.run(args, stdout=io.StringIO()) == 0
+    second = CorpusPaths.under(tmp_path / "second")
+    assert not shown(second) & held_out
+    assert json.loads(second.manifest.read_text())["avoided_scenes"] == 160
+    with pytest.raises(FileNotFoundError, match="not a ShapesWorld corpus"):
+        eval_scene_keys(tmp_path / "plain" / "multimodal")

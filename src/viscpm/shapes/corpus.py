@@ -29,7 +29,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -231,6 +231,24 @@ def _save_image(scene: Scene, folder: Path, index: int, image_size: int) -> str:
     return name
 
 
+def _training_scene(rng: random.Random, heldout: Sequence[Pair], avoid: frozenset[str]) -> Scene:
+    """A scene without held-out pairs whose key is not in ``avoid`` (redrawn until so)."""
+    for _ in range(1000):
+        scene = sample_scene(rng, exclude=heldout)
+        if scene.key() not in avoid:
+            return scene
+    raise ValueError("could not draw a training scene outside the avoided ones; avoid fewer scenes")
+
+
+def eval_scene_keys(corpus_dir: str | Path) -> set[str]:
+    """The keys of every scene in a corpus's evaluation sets (questions and paint prompts)."""
+    paths = CorpusPaths.under(corpus_dir)
+    if not paths.eval_qa.is_file():
+        raise FileNotFoundError(f"{paths.eval_qa} not found: {corpus_dir} is not a ShapesWorld corpus")
+    return {Scene.from_dict(item["scene"]).key() for path in (paths.eval_qa, paths.paint_prompts)
+            for item in read_jsonl(path)}
+
+
 def _fresh_scene(rng: random.Random, seen: set[str], **kwargs: Any) -> Scene:
     """A scene whose key is not in ``seen`` (then added), so evaluation images are unseen."""
     for _ in range(1000):
@@ -261,6 +279,7 @@ def build_corpora(
     heldout: Sequence[Pair] = HELDOUT_PAIRS,
     image_size: int = 64,
     evidence_first: bool = False,
+    avoid_scenes: Collection[str] = (),
 ) -> CorpusPaths:
     """Write every ShapesWorld file under ``out_dir`` (layout in the module docstring).
 
@@ -269,6 +288,9 @@ def build_corpora(
     ``evidence_first`` words the instruction dialogues' yes/no answers evidence first (see
     :func:`~viscpm.shapes.language.realise`); every other file, the vocabulary included, is the same
     as without it, so LLMs trained on either corpus serve both.
+    ``avoid_scenes`` (scene keys, e.g. :func:`eval_scene_keys` of another corpus) never appear among
+    the training images: a second corpus under another seed then adds training data without
+    showing the first corpus's evaluation scenes.
     """
     sizes = sizes or CorpusSizes()
     heldout = tuple((str(c), str(s)) for c, s in heldout)
@@ -286,7 +308,8 @@ def build_corpora(
     # 1. multimodal training data: English only, no held-out composition
     rng = rng_for("multimodal")
     mm = paths.captions.parent
-    train_scenes = [sample_scene(rng, exclude=heldout) for _ in range(sizes.train_images)]
+    avoid_scenes = frozenset(avoid_scenes)
+    train_scenes = [_training_scene(rng, heldout, avoid_scenes) for _ in range(sizes.train_images)]
     images = [_save_image(s, mm, i, image_size) for i, s in enumerate(train_scenes)]
     captions = [{"image": im, "caption": describe(s, "en", rng)} for im, s in zip(images, train_scenes)]
     dialogue = partial(make_dialogue, avoid=heldout, evidence_first=evidence_first)
@@ -361,6 +384,7 @@ def build_corpora(
         "sizes": asdict(sizes),
         "heldout_pairs": [list(p) for p in heldout],
         "yes_no_answers": "evidence first" if evidence_first else "verdict first",
+        **({"avoided_scenes": len(avoid_scenes)} if avoid_scenes else {}),
         "world": {"shapes": list(SHAPES), "colours": list(COLOURS), "sizes": list(SIZES), "grid": 3},
         "counts": counts,
         "vocab_size": len(vocab),
@@ -403,6 +427,9 @@ def add_shapes_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--evidence-first", action="store_true",
                         help='word yes/no answers in the instruction dialogues as what is seen, then the verdict '
                              '("It is big. Yes.") instead of "Yes, it is big."')
+    parser.add_argument("--avoid-eval-of", metavar="CORPUS",
+                        help="keep CORPUS's evaluation scenes out of this corpus's training images, so a corpus "
+                             "under another --seed adds training data for models evaluated on CORPUS")
     for f in fields(CorpusSizes):
         default = "10%% of --train-images" if f.default is None else f.default
         parser.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default, help=f"(default {default})")
@@ -421,8 +448,9 @@ def run_shapes(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     stdout = stdout or sys.stdout
     sizes = CorpusSizes(**{f.name: getattr(args, f.name) for f in fields(CorpusSizes)})
     start = time.perf_counter()
+    avoid = eval_scene_keys(args.avoid_eval_of) if args.avoid_eval_of else ()
     paths = build_corpora(args.out, seed=args.seed, sizes=sizes, image_size=args.image_size,
-                          evidence_first=args.evidence_first)
+                          evidence_first=args.evidence_first, avoid_scenes=avoid)
     manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
     counts = manifest["counts"]
     print(f"ShapesWorld corpus written to {paths.root} in {time.perf_counter() - start:.1f}s: "
