@@ -4,8 +4,9 @@
 #   scripts/shapes_family.sh            # everything: data, family (rows a, b), ablation (row c), eval
 #
 # Independent stages run side by side, one core each (OMP_NUM_THREADS=1). Outputs: data/shapes,
-# runs/shapes/*, runs/shapes/eval-*.json. The shipped default is row b (chat, evidence first, llm_learning_rate) + paint; package it with
-#   python scripts/package_default.py runs/shapes/chat-sft-256-ev-llmlr/final runs/shapes/paint-zhplus/final
+# runs/shapes/*, runs/shapes/eval-*.json. The shipped default is row b (chat, evidence first, llm_learning_rate,
+# continued on three seeds' data) + paint-zhplus-more; package it with
+#   python scripts/package_default.py runs/shapes/chat-sft-256-ev-llmlr-more/final runs/shapes/paint-zhplus-more/final
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
