@@ -5,8 +5,8 @@
 #
 # Independent stages run side by side, one core each (OMP_NUM_THREADS=1). Outputs: data/shapes,
 # runs/shapes/*, runs/shapes/eval-*.json. The shipped default is row b (chat, evidence first, llm_learning_rate,
-# continued on three seeds' data) + paint-zhplus-more; package it with
-#   python scripts/package_default.py runs/shapes/chat-sft-256-ev-llmlr-more/final runs/shapes/paint-zhplus-more/final
+# continued on three seeds' data) + paint-zhplus; package it with
+#   python scripts/package_default.py runs/shapes/chat-sft-256-ev-llmlr-more/final runs/shapes/paint-zhplus/final
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -75,7 +75,8 @@ viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shap
     --set train.llm_learning_rate=5e-3 --set train.output_dir=../../runs/shapes/chat-sft-256-ev-llmlr
 
 # two more corpora under other seeds whose training images avoid seed 0's evaluation scenes (same
-# vocabulary): three times the images for a continuation of the chat model above and of paint-zhplus
+# vocabulary): three times the images for a continuation of the chat model above (packaged) and of
+# paint-zhplus (not packaged: README)
 viscpm data shapes --out data/shapes-evidence-s1 --seed 1 --evidence-first --avoid-eval-of data/shapes
 viscpm data shapes --out data/shapes-evidence-s2 --seed 2 --evidence-first --avoid-eval-of data/shapes
 D=../../data/shapes-evidence
