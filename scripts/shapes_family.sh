@@ -83,6 +83,13 @@ D=../../data/shapes-evidence
 viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-sft-256-ev-llmlr/final \
     --set "data.train=[\"$D/multimodal/instruct_en.jsonl\", \"$D/multimodal/instruct_zh.jsonl\", \"$D-s1/multimodal/instruct_en.jsonl\", \"$D-s1/multimodal/instruct_zh.jsonl\", \"$D-s2/multimodal/instruct_en.jsonl\", \"$D-s2/multimodal/instruct_zh.jsonl\"]" \
     --set train.llm_learning_rate=5e-3 --set train.seed=1 --set train.output_dir=../../runs/shapes/chat-sft-256-ev-llmlr-more
+# a third round on five seeds' dialogues (80 k images): no further gain (README)
+viscpm data shapes --out data/shapes-evidence-s3 --seed 3 --evidence-first --avoid-eval-of data/shapes
+viscpm data shapes --out data/shapes-evidence-s4 --seed 4 --evidence-first --avoid-eval-of data/shapes
+FIVE=$(for s in "" -s1 -s2 -s3 -s4; do printf '"%s/multimodal/instruct_en.jsonl", "%s/multimodal/instruct_zh.jsonl", ' "$D$s" "$D$s"; done)
+viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-sft-256-ev-llmlr-more/final \
+    --set "data.train=[${FIVE%, }]" --set train.llm_learning_rate=5e-3 --set train.seed=3 \
+    --set train.output_dir=../../runs/shapes/chat-sft-256-ev-llmlr-more2
 viscpm train paint-xattn --config $C/paint-zhplus.toml --set model.init=../../runs/shapes/paint-zhplus/final \
     --set "data.train=[\"../../data/shapes/multimodal/captions.jsonl\", \"../../data/shapes/multimodal/captions_zh.jsonl\", \"$D-s1/multimodal/captions.jsonl\", \"$D-s1/multimodal/captions_zh.jsonl\", \"$D-s2/multimodal/captions.jsonl\", \"$D-s2/multimodal/captions_zh.jsonl\"]" \
     --set train.max_steps=3000 --set train.seed=2 --set train.output_dir=../../runs/shapes/paint-zhplus-more
@@ -100,4 +107,5 @@ viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-ev-llmlr/f
 viscpm eval shapes --data data/shapes --paint runs/shapes/paint-wide/final --skip-chat --out runs/shapes/eval-paint-wide.json
 viscpm eval shapes --data data/shapes --paint runs/shapes/paint-zhplus/final --skip-chat --out runs/shapes/eval-paint-zhplus.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-ev-llmlr-more/final --skip-paint --out runs/shapes/eval-b-256-more.json
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-ev-llmlr-more2/final --skip-paint --out runs/shapes/eval-b-256-more2.json
 viscpm eval shapes --data data/shapes --paint runs/shapes/paint-zhplus-more/final --skip-chat --out runs/shapes/eval-paint-zhplus-more.json
