@@ -25,6 +25,7 @@ __all__ = [
     "COLOURS", "COLOUR_RGB", "DESCRIBE", "FORMS", "GRID", "HELDOUT_PAIRS", "KINDS", "LANGS", "POSITIONS", "SHAPES",
     "SIZES", "QA", "AnswerScore", "CorpusPaths", "CorpusSizes", "Detection", "Pair", "QuestionPlan", "Scene",
     "ShapeObject", "allowed_pairs", "analyse", "answer_language", "build_corpora", "build_vocab", "describe",
-    "describe_object", "detect", "eval_scene_keys", "extract_answer", "make_dialogue", "make_qa", "plan_question", "read_jsonl",
-    "realise", "render", "render_array", "sample_scene", "score_answer", "score_image", "text_example", "write_vocab",
+    "describe_object", "detect", "eval_scene_keys", "extract_answer", "make_dialogue", "make_qa", "plan_question",
+    "read_jsonl", "realise", "render", "render_array", "sample_scene", "score_answer", "score_image", "text_example",
+    "write_vocab",
 ]

@@ -231,13 +231,13 @@ def _save_image(scene: Scene, folder: Path, index: int, image_size: int) -> str:
     return name
 
 
-def _training_scene(rng: random.Random, heldout: Sequence[Pair], avoid: frozenset[str]) -> Scene:
-    """A scene without held-out pairs whose key is not in ``avoid`` (redrawn until so)."""
+def _scene_outside(rng: random.Random, keys: Collection[str], **kwargs: Any) -> Scene:
+    """A scene (``sample_scene`` with ``kwargs``) whose key is not in ``keys``, redrawn until so."""
     for _ in range(1000):
-        scene = sample_scene(rng, exclude=heldout)
-        if scene.key() not in avoid:
+        scene = sample_scene(rng, **kwargs)
+        if scene.key() not in keys:
             return scene
-    raise ValueError("could not draw a training scene outside the avoided ones; avoid fewer scenes")
+    raise ValueError(f"could not draw a scene outside {len(keys)} excluded ones; ask for fewer scenes")
 
 
 def eval_scene_keys(corpus_dir: str | Path) -> set[str]:
@@ -251,12 +251,9 @@ def eval_scene_keys(corpus_dir: str | Path) -> set[str]:
 
 def _fresh_scene(rng: random.Random, seen: set[str], **kwargs: Any) -> Scene:
     """A scene whose key is not in ``seen`` (then added), so evaluation images are unseen."""
-    for _ in range(1000):
-        scene = sample_scene(rng, **kwargs)
-        if scene.key() not in seen:
-            seen.add(scene.key())
-            return scene
-    raise ValueError("could not draw a scene unlike all earlier ones; ask for fewer scenes")
+    scene = _scene_outside(rng, seen, **kwargs)
+    seen.add(scene.key())
+    return scene
 
 
 def _prepare_dir(root: Path) -> None:
@@ -309,7 +306,7 @@ def build_corpora(
     rng = rng_for("multimodal")
     mm = paths.captions.parent
     avoid_scenes = frozenset(avoid_scenes)
-    train_scenes = [_training_scene(rng, heldout, avoid_scenes) for _ in range(sizes.train_images)]
+    train_scenes = [_scene_outside(rng, avoid_scenes, exclude=heldout) for _ in range(sizes.train_images)]
     images = [_save_image(s, mm, i, image_size) for i, s in enumerate(train_scenes)]
     captions = [{"image": im, "caption": describe(s, "en", rng)} for im, s in zip(images, train_scenes)]
     dialogue = partial(make_dialogue, avoid=heldout, evidence_first=evidence_first)
