@@ -2,6 +2,7 @@
 while loading with the file pages given back, and the peak resident memory that buys."""
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import subprocess
@@ -178,3 +179,42 @@ def test_placements_that_cannot_work_are_refused(official_pt, tmp_path):
         VisCPMChat(official_pt, device_map="auto", max_memory={"cpu": "8MB"}, offload_folder=tmp_path)
     with pytest.raises(ValueError, match="device_map must be"):
         VisCPMChat(official_pt, device_map="balanced")
+
+
+def test_one_offload_folder_per_loaded_model(official_pt, tmp_path):
+    """accelerate names offloaded files by weight name: a second model would overwrite the first's."""
+    on_disk = {"vision": "cpu", "queries": "cpu", "mapping": "cpu", "llm": "disk"}
+    first = VisCPMChat(official_pt, device_map=on_disk, offload_folder=tmp_path / "off")
+    with pytest.raises(ValueError, match="another loaded model"):
+        VisCPMChat(official_pt, device_map=on_disk, offload_folder=tmp_path / "off")
+    VisCPMChat(official_pt, device_map=on_disk, offload_folder=tmp_path / "other")
+    del first  # once the first model is gone, its folder may be used again
+    gc.collect()  # (accelerate's hooks hold the model in a reference cycle)
+    VisCPMChat(official_pt, device_map=on_disk, offload_folder=tmp_path / "off")
+
+
+def test_cli_places_layers_as_the_device_map_file_says(official_pt, reference, tmp_path, capsys):
+    figure = str(reference / "data" / "figures" / "vlu_case1.png")
+    ask = ["chat", "What is in the picture?", "--image", figure, "--model", str(official_pt),
+           "--image-checker", "off", "--beams", "1", "--max-new-tokens", "6"]
+    assert main(ask) == 0
+    plain = capsys.readouterr().out
+    placement = tmp_path / "map.json"
+    placement.write_text(json.dumps({"vision": "cpu", "queries": "cpu", "mapping": "cpu", "llm": "disk"}))
+    assert main(ask + ["--device-map", str(placement), "--offload-folder", str(tmp_path / "off")]) == 0
+    assert capsys.readouterr().out == plain
+    assert (tmp_path / "off" / "index.json").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-memory", "cpu=1GB"], "need --device-map"),
+    (["--offload-folder", "x"], "need --device-map"),
+    (["--device-map", "auto", "--max-memory", "30GiB"], "write DEVICE=SIZE"),
+    (["--device-map", "missing.json"], "missing.json"),
+    (["--device-map", "bad.json"], "not JSON"),
+])
+def test_placement_flags_are_checked(official_pt, tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.json").write_text("{llm: disk")
+    assert main(["chat", "hi", "--model", str(official_pt), "--image-checker", "off", *flags]) == 2
+    assert message in capsys.readouterr().err

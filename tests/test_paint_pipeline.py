@@ -184,6 +184,33 @@ def test_seeds_reproduce_and_are_reported(painter):
         painter.paint("x", seed=1, generator=torch.Generator())
 
 
+def test_layers_offloaded_to_disk_paint_the_same_image(reference, checkpoint_dir, painter, tmp_path):
+    """accelerate's dispatch with the text encoder's layers and the UNet on disk (read back at every forward)."""
+    placement = {"llm.embed": "cpu", "llm.position_bias": "cpu", "llm.layers.0": "disk", "llm.layers.1": "disk",
+                 "llm.final_norm": "cpu", "bridge": "cpu", "unet": "disk"}
+    offloaded = open_tiny(reference, checkpoint_dir, device_map=placement, offload_folder=tmp_path)
+    assert offloaded.model.llm.layers[0].attn.q.weight.device.type == "meta"  # not held in memory
+    assert offloaded.model.unet.conv_in.weight.device.type == "meta"
+    run = lambda p: p.paint("a red square", num_inference_steps=2, seed=5)[0].image
+    assert np.array_equal(pixels(run(offloaded)), pixels(run(painter)))
+
+
+def test_auto_placement_fills_memory_then_disk(reference, checkpoint_dir, painter, tmp_path):
+    offloaded = open_tiny(reference, checkpoint_dir, device_map="auto", max_memory={"cpu": "13MB"},
+                          offload_folder=tmp_path)
+    devices = {p.device.type for p in offloaded.model.parameters()}
+    assert devices == {"cpu", "meta"}, devices  # some in memory, the rest on disk
+    run = lambda p: p.paint("a red square", num_inference_steps=2, seed=5)[0].image
+    assert np.array_equal(pixels(run(offloaded)), pixels(run(painter)))
+
+
+def test_paint_placements_that_cannot_work_are_refused(reference, checkpoint_dir):
+    with pytest.raises(ValueError, match="offload_folder"):
+        open_tiny(reference, checkpoint_dir, device_map={"llm": "disk", "bridge": "cpu", "unet": "cpu"})
+    with pytest.raises(ValueError, match="device_map must be"):
+        open_tiny(reference, checkpoint_dir, device_map="balanced")
+
+
 def test_num_images_per_prompt_and_prompt_lists(painter):
     results = painter.paint("a red square", num_images_per_prompt=3, num_inference_steps=2, seed=10)
     assert len(results) == 3 and all(r.image.size == (SIZE, SIZE) for r in results)

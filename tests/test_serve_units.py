@@ -393,3 +393,24 @@ def test_serve_help_reads_in_both_languages(capsys):
         main(["serve", "--help"])
     out = capsys.readouterr().out
     assert "OpenAI-compatible" in out and "API 密钥" in out and "--allow-remote-images" in out
+
+
+def test_serve_offloads_each_model_into_its_own_folder(reference, serve_models_dir, tmp_path,  # noqa: F811
+                                                       monkeypatch):
+    monkeypatch.delenv("VISCPM_API_KEY", raising=False)
+    served = {}
+    monkeypatch.setattr("viscpm.serve.create_app", lambda chat, paint, settings: served.update(chat=chat, paint=paint))
+    argv = ["serve", "--chat", str(serve_models_dir / "chat" / CHAT_CHECKPOINT),
+            "--chat-config", str(reference / "chat" / "tiny_viscpm_chat_config.json"),
+            "--paint", str(serve_models_dir / "paint" / PAINT_CHECKPOINT),
+            "--paint-config", str(reference / "paint" / "tiny_viscpm_paint_config.json"),
+            "--image-checker", "off", "--ranker", "off", "--device-map", "auto", "--offload-folder", str(tmp_path)]
+    # 11.5 MB: the tiny chat model's LLM goes to disk; the tiny paint model needs 13 MB for a part in memory
+    build_serve_app(build_parser().parse_args(argv + ["--max-memory", "cpu=11.5MB", "--no-paint"]))
+    build_serve_app(build_parser().parse_args(argv + ["--max-memory", "cpu=13MB", "--no-chat"]))
+    assert (tmp_path / "chat" / "index.json").is_file() and (tmp_path / "paint" / "index.json").is_file()
+    assert served["paint"].model.unet.conv_out.weight.device.type == "meta"
+    map_file = tmp_path / "map.json"
+    map_file.write_text("{}")
+    with pytest.raises(ValueError, match="--device-map auto"):
+        build_serve_app(build_parser().parse_args(argv + ["--device-map", str(map_file)]))

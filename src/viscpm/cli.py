@@ -50,12 +50,48 @@ def _add_quant_option(parser) -> None:
                              "vision encoder): less memory, faster CPU decoding (default: off)")
 
 
+def _add_placement_options(parser) -> None:
+    parser.add_argument("--device-map", metavar="auto|JSON",
+                        help="spread the model over GPUs, CPU and disk with accelerate: auto (fill --max-memory "
+                             "in order, the rest on disk) or a JSON file {module: device or \"disk\"}")
+    parser.add_argument("--max-memory", action="append", metavar="DEVICE=SIZE",
+                        help="with --device-map auto: what a device may hold, e.g. 0=20GiB or cpu=30GiB (repeatable)")
+    parser.add_argument("--offload-folder", metavar="DIR", help="where --device-map writes the layers it puts on disk")
+
+
+def _placement(args: argparse.Namespace) -> dict:
+    """The pipelines' device_map / max_memory / offload_folder from the placement flags."""
+    import json
+    from pathlib import Path
+
+    if args.device_map is None:
+        if args.max_memory or args.offload_folder:
+            raise ValueError("--max-memory and --offload-folder need --device-map")
+        return {}
+    device_map = args.device_map
+    if device_map != "auto":
+        try:
+            device_map = json.loads(Path(device_map).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--device-map {args.device_map}: not JSON ({error})") from None
+    max_memory = None
+    if args.max_memory:
+        max_memory = {}
+        for item in args.max_memory:
+            device, _, size = item.partition("=")
+            if not device or not size:
+                raise ValueError(f"--max-memory {item!r}: write DEVICE=SIZE, e.g. cpu=30GiB or 0=20GiB")
+            max_memory[int(device) if device.isdigit() else device] = size
+    return dict(device_map=device_map, max_memory=max_memory, offload_folder=args.offload_folder)
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="official .pt checkpoint or a saved folder (default: the packaged model)")
     parser.add_argument("--config", help="config JSON, when the checkpoint has none beside it")
     parser.add_argument("--vocab", help="CPM-Bee vocab (default: vocab.txt beside the checkpoint)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     _add_quant_option(parser)
+    _add_placement_options(parser)
 
 
 def _add_chat_parser(commands) -> None:
@@ -101,7 +137,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     from .pipelines.chat import DEFAULT_MAX_CONTEXT_TOKENS, ContextTooLong, VisCPMChat, append_turn
 
-    chat = VisCPMChat(args.model, args.config, args.vocab, device=args.device, quant=args.quant,
+    chat = VisCPMChat(args.model, args.config, args.vocab, device=args.device, quant=args.quant, **_placement(args),
                       image_safety_checker=args.image_checker,
                       max_context_tokens=_or_default(args.max_context_tokens, DEFAULT_MAX_CONTEXT_TOKENS))
     options = _generation_options(args)
@@ -306,7 +342,7 @@ def run_paint(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     painter = VisCPMPaint(args.model, **_paint_checkers(args), vocab_path=args.vocab, vae_path=args.vae,
                           config_path=args.config,
                           memory=MemoryOptions(args.attention_slicing, args.vae_slicing, args.vae_tiling),
-                          device=args.device, quant=args.quant)
+                          device=args.device, quant=args.quant, **_placement(args))
     results = painter.paint(args.prompt, args.negative, num_images_per_prompt=args.num_images,
                             guidance_scale=args.guidance, num_inference_steps=args.steps,
                             height=args.height or args.size, width=args.width or args.size,
@@ -431,6 +467,7 @@ def _add_serve_parser(commands) -> None:
     models.add_argument("--no-paint", action="store_true", help="serve no paint model")
     models.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     _add_quant_option(models)
+    _add_placement_options(models)
     _add_paint_checker_options(parser.add_argument_group("paint safety and ranking (as in viscpm paint)"))
     network = parser.add_argument_group("network")
     network.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -471,19 +508,29 @@ def build_serve_app(args: argparse.Namespace):
                              max_new_tokens=args.max_tokens,
                              default_max_new_tokens=min(args.max_tokens, ServeSettings.default_max_new_tokens),
                              max_request_bytes=int(args.max_request_mb * 2**20))
+    if args.device_map not in (None, "auto"):
+        raise ValueError("viscpm serve places each model with --device-map auto (module names differ between "
+                         "chat and paint); pass a JSON map to viscpm chat or viscpm paint")
+    placement = _placement(args)  # each model fills --max-memory on its own
+
+    def placed(model: str) -> dict:  # one offload subfolder per model: both have llm.* weights
+        folder = placement.get("offload_folder")
+        return {**placement, "offload_folder": os.path.join(folder, model)} if folder else placement
+
     chat = paint = None
     try:
         if not args.no_chat:
             from .pipelines.chat import DEFAULT_MAX_CONTEXT_TOKENS, VisCPMChat
 
             chat = VisCPMChat(args.chat, args.chat_config, args.chat_vocab, device=args.device, quant=args.quant,
-                              max_context_tokens=_or_default(args.max_context_tokens, DEFAULT_MAX_CONTEXT_TOKENS))
+                              max_context_tokens=_or_default(args.max_context_tokens, DEFAULT_MAX_CONTEXT_TOKENS),
+                              **placed("chat"))
         if not args.no_paint:
             from .pipelines.paint import VisCPMPaint
 
             paint = VisCPMPaint(args.paint, **_paint_checkers(args), vocab_path=args.paint_vocab, vae_path=args.vae,
                                 config_path=args.paint_config, device=args.device, quant=args.quant,
-                                progress_bar=False)
+                                **placed("paint"), progress_bar=False)
     except FileNotFoundError as error:  # most often: no packaged model yet
         raise FileNotFoundError(f"{error} (viscpm serve: pass --chat/--paint MODEL, or --no-chat/--no-paint)") from None
     return create_app(chat=chat, paint=paint, settings=settings)

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from ..checkpoints import VAE_FOLDER, CheckpointError, find_vocab, load_vae, load_weights, save_folder
 from ..models.paint import PAINT_KEY_RULES, PAINT_PRESETS, PaintConfig, PaintModel
 from ..prompt import BeeInputs, collate_for_forward, convert_data_to_id
-from ..placement import place
+from ..placement import dispatch, place
 from ..quantization import refuse_quantized
 from ..rerank import Ranker, load_ranker
 from ..safety import (
@@ -205,7 +205,12 @@ class VisCPMPaint:
 
     Each can be overridden for one call of :meth:`paint`.
 
-    ``quant``: ``"int8"``/``"int4"`` weight-only quantization of the CPM-Bee text encoder."""
+    ``quant``: ``"int8"``/``"int4"`` weight-only quantization of the CPM-Bee text encoder.
+
+    ``device_map`` (``"auto"`` or ``{module: device | "disk"}``, names as in the model:
+    ``llm.layers.0``, ``bridge``, ``unet``…), ``max_memory``, ``offload_folder``: spread the model
+    over GPUs, CPU and disk with accelerate (see :func:`viscpm.placement.dispatch`), e.g. the 10B
+    text encoder's layers on disk; the VAE stays on ``device``, where latents live."""
 
     def __init__(
         self,
@@ -222,6 +227,9 @@ class VisCPMPaint:
         progress_bar: bool = True,
         memory: MemoryOptions | None = None,
         quant: str | None = None,
+        device_map: str | dict | None = None,
+        max_memory: dict | None = None,
+        offload_folder: str | os.PathLike | None = None,
     ):
         # resolved first, so a wrong switch fails before gigabytes are read
         packaged_chat = _packaged_chat if model_path is None and has_default_model("chat") else None
@@ -255,6 +263,8 @@ class VisCPMPaint:
         place(model.llm, device, dtype or (torch.float32 if quant else None), quant)
         for part in (model.bridge, model.unet, vae):
             nn.Module.to(part, device=device, dtype=dtype or torch.float32)
+        if device_map is not None:
+            model = dispatch(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
         self.model, self.vae, self.config = model.eval(), vae.eval(), config
         self.device = torch.device(device)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
