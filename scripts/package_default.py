@@ -7,6 +7,7 @@ shipped-model test scores these exact files.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +27,10 @@ def half_copy(source: Path, target: Path) -> None:
     for weights in target.rglob("*.safetensors"):
         state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}
         save_file(state, weights)
+    for config in target.rglob("config.json"):  # diffusers records where the VAE was loaded from: a local path
+        settings = json.loads(config.read_text())
+        if settings.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def main(chat: str, paint: str) -> None:
