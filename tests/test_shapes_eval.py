@@ -24,6 +24,7 @@ class Oracle:
         self.mode = mode
 
     def batch_chat(self, images, questions, **options):
+        self.options = options
         out = []
         for image, question in zip(images, questions):
             item = self.by_question.get((str(image), question))
@@ -42,6 +43,14 @@ def test_qa_scores_follow_the_answers(eval_dir):
     assert perfect["answer_language_match"] == {"en": 1.0, "zh": 1.0}
     clueless = evaluate_qa(Oracle(eval_dir, "wrong"), eval_dir)
     assert clueless["qa_accuracy"]["zh"] < 0.5 and clueless["answer_language_match"]["zh"] == 0.0
+
+
+def test_beam_size_reaches_the_chat_and_the_report(eval_dir):
+    oracle = Oracle(eval_dir)
+    assert evaluate_qa(oracle, eval_dir)["num_beams"] == 1 and oracle.options["num_beams"] == 1
+    assert evaluate_qa(oracle, eval_dir, num_beams=3)["num_beams"] == 3 and oracle.options["num_beams"] == 3
+    evaluate_captions(oracle, eval_dir, num_beams=3)
+    assert oracle.options["num_beams"] == 3
 
 
 def test_caption_pairs_in_both_languages():

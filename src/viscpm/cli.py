@@ -382,6 +382,8 @@ def _add_eval_parser(commands) -> None:
     shapes.add_argument("--skip-paint", action="store_true")
     shapes.add_argument("--data", help="a ShapesWorld folder from `viscpm data shapes` (default: build one, seed 0)")
     shapes.add_argument("--limit", type=int, default=None, help="use only the first N items of each set")
+    shapes.add_argument("--beams", type=int, default=1,
+                        help="chat beam size (default 1, greedy as when streaming; 3 is one-shot viscpm chat's)")
     shapes.add_argument("--out", help="write the metrics as JSON here")
     _add_quant_option(shapes)
     shapes.set_defaults(run=run_eval_shapes)
@@ -415,8 +417,8 @@ def run_eval_shapes(args: argparse.Namespace) -> int:
             from .pipelines.chat import VisCPMChat
 
             chat = VisCPMChat(args.chat, image_safety_checker=False, quant=args.quant)
-            metrics.update(evaluate_qa(chat, eval_dir, args.limit))
-            metrics.update(evaluate_captions(chat, eval_dir, args.limit))
+            metrics.update(evaluate_qa(chat, eval_dir, args.limit, args.beams))
+            metrics.update(evaluate_captions(chat, eval_dir, args.limit, args.beams))
         if not args.skip_paint:
             from .pipelines.paint import VisCPMPaint
 

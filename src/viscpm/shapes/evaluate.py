@@ -6,8 +6,9 @@
 * paint adherence: the painted image reads back (pixel analyser) as exactly the prompt's scene —
   every shape, colour, size and position right, nothing extra — per prompt language.
 
-Chat answers are decoded greedily here (one beam): the scores are about what the model knows, and
-greedy is what the streaming CLI and server use.
+Chat answers are decoded greedily by default (one beam): the scores are about what the model knows,
+and greedy is what the streaming CLI and server use; ``num_beams=3`` scores what one-shot
+``viscpm chat`` answers (VisCPM's default).
 """
 from __future__ import annotations
 
@@ -34,14 +35,14 @@ def _rate(values: Sequence[bool]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def evaluate_qa(chat, eval_dir: Path, limit: int | None = None) -> dict[str, Any]:
-    """QA accuracy and answer language over ``eval_dir/qa.jsonl`` (greedy decoding)."""
+def evaluate_qa(chat, eval_dir: Path, limit: int | None = None, num_beams: int = 1) -> dict[str, Any]:
+    """QA accuracy and answer language over ``eval_dir/qa.jsonl``."""
     items = read_jsonl(eval_dir / "qa.jsonl")[:limit]
     answers: list[str] = []
     for start in range(0, len(items), CHAT_BATCH):
         batch = items[start : start + CHAT_BATCH]
         answers += chat.batch_chat([eval_dir / i["image"] for i in batch], [i["question"] for i in batch],
-                                   num_beams=1, max_new_tokens=MAX_NEW_TOKENS)
+                                   num_beams=num_beams, max_new_tokens=MAX_NEW_TOKENS)
     correct, lang_match, heldout = defaultdict(list), defaultdict(list), defaultdict(list)
     by_kind = defaultdict(list)
     examples = []
@@ -61,6 +62,7 @@ def evaluate_qa(chat, eval_dir: Path, limit: int | None = None) -> dict[str, Any
         "qa_accuracy_heldout_pairs": {lang: _rate(v) for lang, v in sorted(heldout.items())},
         "qa_accuracy_by_kind": {k: _rate(v) for k, v in sorted(by_kind.items())},
         "qa_items": len(items),
+        "num_beams": num_beams,
         "examples": examples,
     }
 
@@ -79,7 +81,7 @@ def caption_pairs(text: str) -> set[tuple[str, str]]:
     return pairs
 
 
-def evaluate_captions(chat, eval_dir: Path, limit: int | None = None) -> dict[str, Any]:
+def evaluate_captions(chat, eval_dir: Path, limit: int | None = None, num_beams: int = 1) -> dict[str, Any]:
     items = read_jsonl(eval_dir / "qa.jsonl")[:limit]
     images = list(dict.fromkeys(i["image"] for i in items))  # each eval image once, with its scene
     scenes = {i["image"]: Scene.from_dict(i["scene"]) for i in items}
@@ -87,7 +89,7 @@ def evaluate_captions(chat, eval_dir: Path, limit: int | None = None) -> dict[st
     for start in range(0, len(images), CHAT_BATCH):
         batch = images[start : start + CHAT_BATCH]
         captions += chat.batch_chat([eval_dir / b for b in batch], [CAPTION_QUESTION] * len(batch),
-                                    num_beams=1, max_new_tokens=MAX_NEW_TOKENS)
+                                    num_beams=num_beams, max_new_tokens=MAX_NEW_TOKENS)
     exact, recall = [], []
     for image, caption in zip(images, captions):
         truth = set(scenes[image].pairs)
