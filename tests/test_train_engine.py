@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,48 @@ def test_two_processes_equal_one(tmp_path):
     b = load_file(tmp_path / "double" / "final" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_config_runs_data_parallel_on_cpu_and_resumes(tmp_path):
+    """The repository's FSDP accelerate config launched on a CPU-only machine: accelerate turns FSDP
+    on only with accelerators, so the 2 processes run data parallel (gloo). Same losses and final
+    weights as one process, and a run resumed from its step-8 checkpoint ends where the
+    uninterrupted one did. (Sharded FSDP itself needs GPUs: not tested here.)"""
+    world = write_world(tmp_path / "world")
+    run_in_process(lm_config(tmp_path, world, "single", batch_size=6))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "configs" / "accelerate" / "fsdp_10b.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+              "-m", "viscpm.cli", "train", "lm", "--config"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    sharded = lm_config(tmp_path, world, "fsdp", batch_size=6)
+    result = subprocess.run(launch + [str(sharded)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, fsdp = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
+    assert single.keys() == fsdp.keys() == set(range(1, 11))
+    for step in single:
+        assert fsdp[step] == pytest.approx(single[step], rel=1e-5), step
+    a = load_file(tmp_path / "single" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "fsdp" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+    # the run as if killed after step 9: its last complete checkpoint is step 8
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "final")
+    metrics = tmp_path / "resumed" / "metrics.jsonl"
+    kept = [json.loads(line) for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 9]
+    kept[0]["loss"] = -1.0  # a marker: a resumed run keeps steps 1..8, a restarted one would rewrite them
+    metrics.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    resumed = lm_config(tmp_path, world, "resumed", batch_size=6)
+    result = subprocess.run(launch + [str(resumed), "--resume"], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path / "resumed") == pytest.approx(fsdp | {1: -1.0}, rel=1e-6)
+    c = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(c[key], b[key], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow
