@@ -94,6 +94,15 @@ viscpm train paint-xattn --config $C/paint-zhplus.toml --set model.init=../../ru
     --set "data.train=[\"../../data/shapes/multimodal/captions.jsonl\", \"../../data/shapes/multimodal/captions_zh.jsonl\", \"$D-s1/multimodal/captions.jsonl\", \"$D-s1/multimodal/captions_zh.jsonl\", \"$D-s2/multimodal/captions.jsonl\", \"$D-s2/multimodal/captions_zh.jsonl\"]" \
     --set train.max_steps=3000 --set train.seed=2 --set train.output_dir=../../runs/shapes/paint-zhplus-more
 
+# 64 queries (VisCPM's count; one per 8x8 patch here) instead of 16: chat-align again over lm-256,
+# then one SFT run on the three seeds' evidence-first dialogues at the packaged recipe's rates
+# (max_tokens + 48 keeps the same text budget)
+viscpm train chat-align --config $C/chat-align-256.toml --set model.config=chat-256-q64.json \
+    --set train.output_dir=../../runs/shapes/chat-align-256-q64
+viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-align-256-q64/final \
+    --set "data.train=[\"$D/multimodal/instruct_en.jsonl\", \"$D/multimodal/instruct_zh.jsonl\", \"$D-s1/multimodal/instruct_en.jsonl\", \"$D-s1/multimodal/instruct_zh.jsonl\", \"$D-s2/multimodal/instruct_en.jsonl\", \"$D-s2/multimodal/instruct_zh.jsonl\"]" \
+    --set data.max_tokens=368 --set train.llm_learning_rate=5e-3 --set train.output_dir=../../runs/shapes/chat-sft-256-q64
+
 # 3. scores on the held-out sets
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft/final --paint runs/shapes/paint-longer/final --out runs/shapes/eval-b.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-long/final --skip-paint --out runs/shapes/eval-b-long.json
@@ -109,3 +118,4 @@ viscpm eval shapes --data data/shapes --paint runs/shapes/paint-zhplus/final --s
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-ev-llmlr-more/final --skip-paint --out runs/shapes/eval-b-256-more.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-ev-llmlr-more2/final --skip-paint --out runs/shapes/eval-b-256-more2.json
 viscpm eval shapes --data data/shapes --paint runs/shapes/paint-zhplus-more/final --skip-chat --out runs/shapes/eval-paint-zhplus-more.json
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-q64/final --skip-paint --out runs/shapes/eval-b-256-q64.json
