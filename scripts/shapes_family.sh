@@ -103,6 +103,11 @@ viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shap
     --set "data.train=[\"$D/multimodal/instruct_en.jsonl\", \"$D/multimodal/instruct_zh.jsonl\", \"$D-s1/multimodal/instruct_en.jsonl\", \"$D-s1/multimodal/instruct_zh.jsonl\", \"$D-s2/multimodal/instruct_en.jsonl\", \"$D-s2/multimodal/instruct_zh.jsonl\"]" \
     --set data.max_tokens=368 --set train.llm_learning_rate=5e-3 --set train.output_dir=../../runs/shapes/chat-sft-256-q64
 
+# row c's paint: the first paint recipe over the English-only LLM, on the 4 k-image corpus it was run on
+viscpm data shapes --out data/shapes-4k --seed 0 --train-images 4000
+viscpm train paint-xattn --config $C/paint.toml --set model.llm_init=../../runs/shapes/lm-en/final \
+    --set data.train=../../data/shapes-4k/multimodal/captions.jsonl --set train.output_dir=../../runs/shapes/paint-lm-en
+
 # 3. scores on the held-out sets
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft/final --paint runs/shapes/paint-longer/final --out runs/shapes/eval-b.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-long/final --skip-paint --out runs/shapes/eval-b-long.json
@@ -119,3 +124,5 @@ viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-ev-llmlr-m
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-ev-llmlr-more2/final --skip-paint --out runs/shapes/eval-b-256-more2.json
 viscpm eval shapes --data data/shapes --paint runs/shapes/paint-zhplus-more/final --skip-chat --out runs/shapes/eval-paint-zhplus-more.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-q64/final --skip-paint --out runs/shapes/eval-b-256-q64.json
+viscpm eval shapes --data data/shapes --paint runs/shapes/paint/final --skip-chat --out runs/shapes/eval-paint-2400.json
+viscpm eval shapes --data data/shapes --paint runs/shapes/paint-lm-en/final --skip-chat --out runs/shapes/eval-paint-lm-en.json
