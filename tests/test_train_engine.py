@@ -54,6 +54,19 @@ def run_in_process(path: Path):
     train(build_recipe("lm", config), config)
 
 
+def assert_same_run(tmp_path: Path, reference: str, other: str) -> None:
+    """Two runs' logged losses (rel 1e-5) and final weights agree."""
+    expected, got = losses(tmp_path / reference), losses(tmp_path / other)
+    assert expected.keys() == got.keys() == set(range(1, 11))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+    a = load_file(tmp_path / reference / "final" / "model.safetensors")
+    b = load_file(tmp_path / other / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     world = write_world(tmp_path / "world")
@@ -64,14 +77,7 @@ def test_two_processes_equal_one(tmp_path):
                              "-m", "viscpm.cli", "train", "lm", "--config", str(two)],
                             capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    single, double = losses(tmp_path / "single"), losses(tmp_path / "double")
-    assert single.keys() == double.keys() == set(range(1, 11))
-    for step in single:
-        assert double[step] == pytest.approx(single[step], rel=1e-5), step
-    a = load_file(tmp_path / "single" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "double" / "final" / "model.safetensors")
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    assert_same_run(tmp_path, "single", "double")
 
 
 @pytest.mark.slow
@@ -86,18 +92,11 @@ def test_fsdp_config_runs_data_parallel_on_cpu_and_resumes(tmp_path):
               str(REPO / "configs" / "accelerate" / "fsdp_10b.yaml"), "--num_processes", "2", "--mixed_precision", "no",
               "-m", "viscpm.cli", "train", "lm", "--config"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    sharded = lm_config(tmp_path, world, "fsdp", batch_size=6)
-    result = subprocess.run(launch + [str(sharded)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    launched = lm_config(tmp_path, world, "fsdp", batch_size=6)
+    result = subprocess.run(launch + [str(launched)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    single, fsdp = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
-    assert single.keys() == fsdp.keys() == set(range(1, 11))
-    for step in single:
-        assert fsdp[step] == pytest.approx(single[step], rel=1e-5), step
-    a = load_file(tmp_path / "single" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "fsdp" / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    assert_same_run(tmp_path, "single", "fsdp")
+    fsdp = losses(tmp_path / "fsdp")
 
     # the run as if killed after step 9: its last complete checkpoint is step 8
     shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")
@@ -111,9 +110,10 @@ def test_fsdp_config_runs_data_parallel_on_cpu_and_resumes(tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(tmp_path / "resumed") == pytest.approx(fsdp | {1: -1.0}, rel=1e-6)
-    c = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
-    for key in a:
-        torch.testing.assert_close(c[key], b[key], rtol=1e-6, atol=1e-7)
+    uninterrupted = load_file(tmp_path / "fsdp" / "final" / "model.safetensors")
+    resumed_weights = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed_weights[key], uninterrupted[key], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow

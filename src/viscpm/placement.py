@@ -46,9 +46,9 @@ def dispatch(model: nn.Module, device_map: str | dict[str, str | int], *, max_me
         raise ValueError(f'device_map must be "auto" or a dict of module name -> device, got {device_map!r}')
     if device_map.get("") == "disk":
         raise ValueError(f"max_memory {max_memory} leaves no room for even the first layer in memory; raise it")
-    if "disk" in device_map.values() and offload_folder is None:
-        raise ValueError("the device map offloads layers to disk: pass offload_folder= (a folder to write them to)")
     if "disk" in device_map.values():
+        if offload_folder is None:
+            raise ValueError("the device map offloads layers to disk: pass offload_folder= (a folder to write them to)")
         folder = Path(offload_folder).resolve()
         if _OFFLOADED.get(folder) is not None:
             raise ValueError(f"offload_folder {folder} holds another loaded model's weights; give each model its own")
