@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from viscpm.checkpoints import CheckpointError
 from viscpm.pipelines.paint import (
-    MAX_PROMPT_TOKENS, RANKER_CANDIDATES, SCHEDULERS, PaintedImage, RefusedPrompt, VisCPMPaint, build_scheduler,
+    MAX_PROMPT_TOKENS, RANKER_CANDIDATES, SCHEDULERS, PaintDefaults, PaintedImage, RefusedPrompt, VisCPMPaint,
+    build_scheduler,
 )
 from viscpm.safety import SafetyResult
 
@@ -401,12 +402,41 @@ def test_ranker_prefers_unflagged_images(reference, checkpoint_dir):
 
 def test_save_pretrained_round_trip(painter, tmp_path):
     folder = painter.save_pretrained(tmp_path / "saved")
-    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "vocab.txt", "vae"}
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "vocab.txt", "vae",
+                                                  "generation_config.json"}
     again = VisCPMPaint(folder, False, False, False, progress_bar=False)
-    assert again.config == painter.config
+    assert again.config == painter.config and again.defaults == painter.defaults == PaintDefaults(7.5)
     a = painter.paint("a cat", num_inference_steps=2, seed=5)[0]
     b = again.paint("a cat", num_inference_steps=2, seed=5)[0]
     assert np.array_equal(pixels(a.image), pixels(b.image))
+
+
+def test_a_model_folder_sets_its_own_default_guidance(painter, tmp_path):
+    """generation_config.json beside the weights changes what a call without guidance_scale paints;
+    an explicit guidance_scale still wins."""
+    folder = painter.save_pretrained(tmp_path / "saved")
+    (folder / "generation_config.json").write_text(json.dumps({"guidance_scale": 3.0}))
+    tuned = VisCPMPaint(folder, False, False, False, progress_bar=False)
+    by_default = tuned.paint("a cat", num_inference_steps=2, seed=5)[0]
+    assert by_default.guidance_scale == 3.0
+    assert np.array_equal(pixels(by_default.image),
+                          pixels(painter.paint("a cat", num_inference_steps=2, seed=5, guidance_scale=3.0)[0].image))
+    assert not np.array_equal(pixels(by_default.image),
+                              pixels(painter.paint("a cat", num_inference_steps=2, seed=5)[0].image))  # 7.5
+    assert tuned.paint("a cat", num_inference_steps=1, seed=5, guidance_scale=7.5)[0].guidance_scale == 7.5
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"guidance_scale": -2}', "guidance_scale must be a finite number >= 0"),
+    ('{"guidance": 4}', r"unknown keys \['guidance'\]"),
+    ('[4]', "must hold a JSON object"),
+    ('{"guidance_scale": 4', "not a valid paint generation config"),
+])
+def test_a_bad_generation_config_is_a_clear_error(painter, tmp_path, text, message):
+    folder = painter.save_pretrained(tmp_path / "saved")
+    (folder / "generation_config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        VisCPMPaint(folder, False, False, False, progress_bar=False)
 
 
 def test_fp16_checkpoint_keeps_the_llm_in_fp16_and_the_rest_in_fp32(reference, checkpoint_dir, tmp_path):

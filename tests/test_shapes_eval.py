@@ -1,9 +1,12 @@
 """The ShapesWorld evaluation plumbing, with stand-in models whose answers are known."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from PIL import Image
 
+from viscpm.cli import main
 from viscpm.shapes import build_corpora, read_jsonl, render
 from viscpm.shapes.corpus import CorpusSizes
 from viscpm.shapes.evaluate import caption_pairs, evaluate_captions, evaluate_paint, evaluate_qa
@@ -79,3 +82,14 @@ class Renderer:
 def test_paint_adherence_follows_the_images(eval_dir):
     assert set(evaluate_paint(Renderer(eval_dir), eval_dir)["paint_adherence"].values()) == {1.0}
     assert set(evaluate_paint(Renderer(eval_dir, perfect=False), eval_dir)["paint_adherence"].values()) == {0.0}
+
+
+def test_eval_paints_at_the_guidance_asked_for_not_the_models_default(eval_dir, tmp_path):
+    """README's tables paint at guidance 4 whatever a model's own default; --guidance changes it."""
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "shapes", "--skip-chat", "--data", str(eval_dir.parent), "--limit", "2",
+                 "--guidance", "2.5", "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["paint_settings"]["guidance_scale"] == 2.5 and metrics["paint_items"] == 2
+    assert main(["eval", "shapes", "--skip-chat", "--data", str(eval_dir.parent), "--limit", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["paint_settings"]["guidance_scale"] == 4.0

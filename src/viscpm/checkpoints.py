@@ -42,6 +42,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"  # sharded weights: {"weight_map": {key: shard file}}
 VOCAB_NAME = "vocab.txt"
 VAE_FOLDER = "vae"  # the Paint VAE (a diffusers AutoencoderKL folder) beside the weights
+GENERATION_CONFIG_NAME = "generation_config.json"  # a model's own sampling defaults, as in transformers
 MAX_LISTED = 8  # keys shown per category in an error message
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 

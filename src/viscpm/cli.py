@@ -283,8 +283,9 @@ def _add_paint_parser(commands) -> None:
                           help="sampler and steps: official (DDPM, 50 steps; default) or fast (SDE-DPM-Solver++, 20 "
                                "steps: 2.5x quicker, same ShapesWorld adherence); --scheduler/--steps override it")
     sampling.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
-    sampling.add_argument("--guidance", type=float, default=7.5,
-                          help="classifier-free guidance scale; <= 1 turns it off")
+    sampling.add_argument("--guidance", type=float,
+                          help="classifier-free guidance scale; <= 1 turns it off (default: the model's "
+                               "generation_config.json, else the official 7.5; the packaged model's is 4)")
     sampling.add_argument("--size", type=int,
                           help="square image size in pixels (default: the model's, 512 for the official one)")
     sampling.add_argument("--height", type=int, help="image height (overrides --size)")
@@ -384,6 +385,8 @@ def _add_eval_parser(commands) -> None:
     shapes.add_argument("--limit", type=int, default=None, help="use only the first N items of each set")
     shapes.add_argument("--beams", type=int, default=1,
                         help="chat beam size (default 1, greedy as when streaming; 3 is one-shot viscpm chat's)")
+    shapes.add_argument("--guidance", type=float, default=4.0,
+                        help="paint guidance scale (default 4, as in README's tables, whatever the model's default)")
     shapes.add_argument("--out", help="write the metrics as JSON here")
     _add_quant_option(shapes)
     shapes.set_defaults(run=run_eval_shapes)
@@ -424,7 +427,7 @@ def run_eval_shapes(args: argparse.Namespace) -> int:
 
             painter = VisCPMPaint(args.paint, image_safety_checker=False, prompt_safety_checker=False,
                                   add_ranker=False, progress_bar=False, quant=args.quant)
-            metrics.update(evaluate_paint(painter, eval_dir, args.limit))
+            metrics.update(evaluate_paint(painter, eval_dir, args.limit, guidance_scale=args.guidance))
     text = json.dumps(metrics, indent=2, ensure_ascii=False)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")

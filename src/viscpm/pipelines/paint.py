@@ -22,6 +22,8 @@ Choices where the official code was silent or fragile:
 * prompts over ``MAX_PROMPT_TOKENS`` are refused with a clear error (not truncated: cutting the
   structured prompt would change what the model reads without saying so);
 * ``guidance_scale <= 1`` turns classifier-free guidance off, as diffusers does;
+* a model folder may carry its own default guidance in ``generation_config.json`` (as transformers
+  keeps per-checkpoint generation defaults): without one it is the official 7.5;
 * ``<`` in a prompt is literal text (the official converter crashed on e.g. ``<b>``).
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ import math
 import os
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -48,7 +50,7 @@ from PIL.PngImagePlugin import PngInfo
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoints import VAE_FOLDER, CheckpointError, find_vocab, load_vae, load_weights, save_folder
+from ..checkpoints import GENERATION_CONFIG_NAME, VAE_FOLDER, CheckpointError, find_vocab, load_vae, load_weights, save_folder
 from ..models.paint import PAINT_KEY_RULES, PAINT_PRESETS, PaintConfig, PaintModel
 from ..prompt import BeeInputs, collate_for_forward, convert_data_to_id
 from ..placement import dispatch, place
@@ -87,6 +89,43 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 # held-out set, while the deterministic "dpm++" stays ~5 points lower at 15, 20 or 25 steps
 # (bench/README-paint.md). An explicit scheduler or step count overrides the preset's.
 SAMPLING_PRESETS: dict[str, tuple[str, int]] = {"official": ("ddpm", 50), "fast": ("dpm++-sde", 20)}
+
+
+def check_guidance_scale(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PaintDefaults:
+    """A model's own sampling defaults, from ``generation_config.json`` beside its weights when
+    present; what a call does not set. The official 7.5 over-saturates a small model's colours:
+    the packaged ShapesWorld model paints whole scenes right about half as often at 7.5 as at 4
+    (README, "ShapesWorld")."""
+
+    guidance_scale: float = 7.5
+
+    def __post_init__(self):
+        check_guidance_scale(self.guidance_scale)
+
+    @classmethod
+    def load(cls, folder: Path) -> "PaintDefaults":
+        path = folder / GENERATION_CONFIG_NAME
+        if not path.is_file():
+            return cls()
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(settings, dict):
+                raise ValueError("it must hold a JSON object")
+            unknown = sorted(set(settings) - {f.name for f in fields(cls)})
+            if unknown:
+                raise ValueError(f"unknown keys {unknown}")
+            return cls(**settings)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{path} is not a valid paint generation config: {error}") from None
+
+    def save(self, folder: Path) -> None:
+        (folder / GENERATION_CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
 class RefusedPrompt(Refused):
@@ -247,6 +286,7 @@ class VisCPMPaint:
             quant=quant if on_cpu else None, quant_part="llm",
         )
         self.vocab_path = find_vocab(weights, vocab_path)
+        self.defaults = PaintDefaults.load(weights.parent)
         self.tokenizer = CPMBeeTokenizer(self.vocab_path)
         if self.tokenizer.vocab_size != config.llm.vocab_size:
             raise CheckpointError(f"vocab {self.vocab_path} has {self.tokenizer.vocab_size} tokens but the model "
@@ -325,8 +365,7 @@ class VisCPMPaint:
             raise ValueError(f"num_inference_steps must be an integer from 1 to {train_steps}, got {steps}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {n}")
-        if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+        check_guidance_scale(guidance_scale)
 
     def _switch(self, name: str, value):
         """The checker or ranker for one call: None = as built; False = off; True = as built, or
@@ -391,7 +430,7 @@ class VisCPMPaint:
         negative_prompt: str | Sequence[str] | None = None,
         *,
         num_images_per_prompt: int = 1,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -412,6 +451,7 @@ class VisCPMPaint:
 
         ``preset`` picks the scheduler and step count: "official" (DDPM, 50 steps) or "fast"
         (SDE-DPM-Solver++, 20 steps); an explicit ``scheduler`` or ``num_inference_steps`` overrides it.
+        ``guidance_scale`` defaults to the model's (:class:`PaintDefaults`; officially 7.5).
 
         The three switches override the painter's for this call: None keeps it, False turns it
         off, True turns it on (the painter's, or the default), a callable replaces it. A flagged
@@ -428,6 +468,7 @@ class VisCPMPaint:
         if not prompts or len(negatives) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts")
         scheduler, num_inference_steps = sampling_preset(preset, scheduler, num_inference_steps)
+        guidance_scale = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         default = self.model.unet.config.sample_size * self.vae_scale_factor
         height, width = default if height is None else height, default if width is None else width
         self._check(height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
@@ -516,9 +557,11 @@ class VisCPMPaint:
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         max_shard_size: int | str | None = None) -> Path:
-        """Write config.json + weights + vocab.txt + vae/ (loadable with ``VisCPMPaint(folder)``); big
-        models in shards of ``max_shard_size`` (e.g. "2GB"), floats cast to ``dtype`` on the way."""
+        """Write config.json + weights + vocab.txt + vae/ + generation_config.json (loadable with
+        ``VisCPMPaint(folder)``); big models in shards of ``max_shard_size`` (e.g. "2GB"), floats
+        cast to ``dtype`` on the way."""
         refuse_quantized(self.quant)
         folder = save_folder(self.model, self.config, folder, self.vocab_path, dtype=dtype, max_shard_size=max_shard_size)
         self.vae.save_pretrained(folder / VAE_FOLDER)
+        self.defaults.save(folder)
         return folder
