@@ -112,6 +112,11 @@ ZH3=$(for r in 1 2 3; do for s in "" -s1 -s2; do printf '"%s/multimodal/instruct
 viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-sft-256-q64-more/final \
     --set "data.train=[${EN3}${ZH3%, }]" --set data.max_tokens=368 --set train.llm_learning_rate=5e-3 --set train.seed=2 \
     --set train.max_steps=1000 --set train.warmup_steps=50 --set train.output_dir=../../runs/shapes/chat-sft-256-q64-zh3
+# … and 1,000 more with them six times (EN 74.8 %, ZH 64.5 %)
+ZH6=$(for r in 1 2 3 4 5 6; do for s in "" -s1 -s2; do printf '"%s/multimodal/instruct_zh.jsonl", ' "$D$s"; done; done)
+viscpm train chat-sft --config $C/chat-sft.toml --set model.init=../../runs/shapes/chat-sft-256-q64-zh3/final \
+    --set "data.train=[${EN3}${ZH6%, }]" --set data.max_tokens=368 --set train.llm_learning_rate=5e-3 --set train.seed=3 \
+    --set train.max_steps=1000 --set train.warmup_steps=50 --set train.output_dir=../../runs/shapes/chat-sft-256-q64-zh6
 
 # row c's paint: the first paint recipe over the English-only LLM, on the 4 k-image corpus it was run on
 viscpm data shapes --out data/shapes-4k --seed 0 --train-images 4000
@@ -136,6 +141,7 @@ viscpm eval shapes --data data/shapes --paint runs/shapes/paint-zhplus-more/fina
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-q64/final --skip-paint --out runs/shapes/eval-b-256-q64.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-q64-more/final --skip-paint --out runs/shapes/eval-b-256-q64-more.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-q64-zh3/final --skip-paint --out runs/shapes/eval-b-256-q64-zh3.json
+viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-q64-zh6/final --skip-paint --out runs/shapes/eval-b-256-q64-zh6.json
 viscpm eval shapes --data data/shapes --paint runs/shapes/paint/final --skip-chat --out runs/shapes/eval-paint-2400.json
 viscpm eval shapes --data data/shapes --paint runs/shapes/paint-lm-en/final --skip-chat --out runs/shapes/eval-paint-lm-en.json
 # the packaged paint model's guidance (README): 4 is what its generation_config.json sets
