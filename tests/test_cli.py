@@ -87,3 +87,19 @@ def test_a_refused_image_exits_3_with_the_reason(reference, model_args, tmp_path
     assert err.strip().splitlines()[-1] == ("viscpm chat: the input image was refused: the Stable Diffusion safety "
                                             "checker detected an NSFW concept; no answer is given")
     assert "black image will be returned" not in err  # diffusers' own note does not apply here
+
+
+def test_interactive_chat_answers_in_each_questions_language(reference, model_args):
+    """Issue 24: the REPL defaults to --language auto, so a Chinese question after English turns gets
+    no Latin letter; --language off (one-shot's default) leaves the tiny random model free to mix."""
+    figures = reference / "data" / "figures"
+    session = "What is in the image?\n它在哪里？\nstop\n"
+    chinese_answers = {}
+    for flag in ([], ["--language", "off"]):
+        args = build_parser().parse_args(["chat", *model_args, "--image", str(figures / "vlu_case1.png"),
+                                          "--max-new-tokens", "24", *flag])
+        out = io.StringIO()
+        assert run_chat(args, stdin=io.StringIO(session), stdout=out) == 0
+        chinese_answers[tuple(flag)] = out.getvalue().split("AI: ")[2].split("\n")[0]
+    assert chinese_answers[()].strip() and not any(c.isascii() and c.isalpha() for c in chinese_answers[()])
+    assert any(c.isascii() and c.isalpha() for c in chinese_answers[("--language", "off")])

@@ -36,6 +36,8 @@ def user(text: str, image=None) -> dict:
 
 # -- chat ------------------------------------------------------------------------------------------
 
+EN_QUESTION = "What is in the image?"
+
 
 def test_chat_answer_is_the_pipelines_beam_search_answer(server, tiny_chat, image_path):
     reply = client(server).chat.completions.create(
@@ -97,6 +99,19 @@ def test_text_only_chat_and_sampling_options(server, tiny_chat):
                                       extra_body={"num_beams": 2, "repetition_penalty": 1.3})
     assert beams.choices[0].message.content == tiny_chat.chat(None, "你好", num_beams=2, repetition_penalty=1.3,
                                                               max_new_tokens=5)[0]
+
+
+def test_language_extension_constrains_the_answer(server, tiny_chat, image_path):
+    """``language`` (issue 24) reaches the pipeline: the answer equals its constrained answer, free of
+    Latin letters for "zh"; an unknown language is a 400 naming the field."""
+    c = client(server)
+    answer = c.chat.completions.create(model="viscpm-chat", messages=[user(EN_QUESTION, image_path)], temperature=0,
+                                       max_tokens=16, extra_body={"language": "zh"}).choices[0].message.content
+    assert answer == tiny_chat.chat(Image.open(image_path), EN_QUESTION, num_beams=1, max_new_tokens=16,
+                                    language="zh")[0]
+    assert answer.strip() and not any(ch.isascii() and ch.isalpha() for ch in answer)
+    with pytest.raises(openai.BadRequestError, match="language"):
+        c.chat.completions.create(model="viscpm-chat", messages=[user("hi")], extra_body={"language": "fr"})
 
 
 def test_streaming_chinese_arrives_whole_and_equals_the_greedy_answer(server, tiny_chat, image_path):

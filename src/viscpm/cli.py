@@ -113,6 +113,10 @@ def _add_chat_parser(commands) -> None:
     decoding.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     decoding.add_argument("--max-context-tokens", type=int, default=None, metavar="N",
                           help=CONTEXT_BUDGET_HELP)
+    decoding.add_argument("--language", choices=("auto", "zh", "en", "off"), default=None,
+                          help="answer language / 回答语言: auto answers in the question's language (the interactive "
+                               "default), zh/en force one, off leaves the model free (the official behaviour; the "
+                               "default for one question)")
     safety = parser.add_argument_group("safety")
     _add_image_checker_option(safety)
     parser.set_defaults(run=run_chat)
@@ -141,6 +145,10 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
                       image_safety_checker=args.image_checker,
                       max_context_tokens=_or_default(args.max_context_tokens, DEFAULT_MAX_CONTEXT_TOKENS))
     options = _generation_options(args)
+    # a conversation drifts to the previous turn's language (issue 24), so the interactive chat follows
+    # each question's by default; one question keeps the official free choice unless told
+    language = args.language or ("off" if args.question is not None else "auto")
+    options["language"] = None if language == "off" else language
     if args.question is not None:
         answer, _, _ = chat.chat(args.image, args.question, **options)
         print(answer, file=stdout)

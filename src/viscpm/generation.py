@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from .models.cpmbee import CPMBee
 from .prompt import GenerationPrompt
 
+# Called on every step's logits in place, before the repetition penalty:
+# (logits (rows, V + E), answer tokens fed so far (rows, T), sample of each row (rows,)) -> None
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
 BANNED_LOGIT = -10000.0  # the official code sets (not adds) this value on forbidden columns
 
 
@@ -246,10 +250,12 @@ def beam_search(
     config: GenerationConfig,
     inputs_embeds: torch.Tensor | None = None,
     should_stop: Callable[[], bool] | None = None,
+    logits_processor: LogitsProcessor | None = None,
 ) -> list[AnswerTokens]:
     """The official VisCPM beam search; returns the best answer tokens of every sample.
 
-    ``should_stop`` is asked before every step; when it answers True, ``GenerationCancelled`` is raised."""
+    ``should_stop`` is asked before every step; when it answers True, ``GenerationCancelled`` is raised.
+    ``logits_processor`` (e.g. :class:`viscpm.answer_language.AnswerLanguage`) edits each step's logits."""
     k = config.num_beams
     batch = prompt.inputs.input_ids.size(0)
     last_step = config.last_step
@@ -271,6 +277,8 @@ def beam_search(
             raise GenerationCancelled(f"beam search stopped by the caller at step {step}")
         history = torch.cat([history, torch.tensor([s.token for s in slots], device=device)[:, None]], 1)
         logits = decoder.step(slots)
+        if logits_processor is not None:
+            logits_processor(logits, history, decoder.sample_of_row)
         apply_repetition_penalty(logits, history, config.repetition_penalty, config.repetition_window)
         log_probs = F.log_softmax(logits / config.temperature, dim=-1) + scores[:, None]
         width = log_probs.size(-1)
@@ -337,7 +345,8 @@ def _pick(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gener
 
 @torch.no_grad()
 def stream_tokens(
-    llm: CPMBee, prompt: GenerationPrompt, config: GenerationConfig, inputs_embeds: torch.Tensor | None = None
+    llm: CPMBee, prompt: GenerationPrompt, config: GenerationConfig, inputs_embeds: torch.Tensor | None = None,
+    logits_processor: LogitsProcessor | None = None,
 ) -> Iterator[list[tuple[int, int, int]]]:
     """Greedy (``do_sample=False``) or sampled decoding, one row per sample.
 
@@ -359,6 +368,8 @@ def stream_tokens(
     for step in range(last_step + 1):
         history = torch.cat([history, torch.tensor([s.token for s in slots], device=device)[:, None]], 1)
         logits = decoder.step(slots)
+        if logits_processor is not None:
+            logits_processor(logits, history, decoder.sample_of_row)
         apply_repetition_penalty(logits, history, config.repetition_penalty, config.repetition_window)
         words = _pick(logits, config, generator).tolist()
 

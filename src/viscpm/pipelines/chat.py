@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..answer_language import AnswerLanguage, check_language
 from ..checkpoints import find_vocab, load_weights, save_folder
 from ..generation import (
     AnswerTokens, GenerationCancelled, GenerationConfig, beam_search, group_by_slot, stream_tokens,
@@ -282,23 +283,28 @@ class VisCPMChat:
 
     # -- public API --------------------------------------------------------------------------
 
+    def _language(self, language: str | None, questions: Sequence[str]) -> AnswerLanguage | None:
+        """The decoding-time answer-language constraint, or None for the official behaviour."""
+        return None if check_language(language) is None else AnswerLanguage(self.tokenizer, language, list(questions))
+
     def _generate(self, images, questions, contexts, vision_hidden_states, options,
-                  image_safety_checker=None) -> tuple[list[str], list]:
+                  image_safety_checker=None, language=None) -> tuple[list[str], list]:
         # should_stop: asked before every decoding step; True raises GenerationCancelled (servers use
         # it to stop work for a client that left or timed out)
         should_stop = options.pop("should_stop", None)
         config = generation_config(**options)
+        constraint = self._language(language, questions)
         prompt, embeds, states = self._prepare(images, questions, contexts, vision_hidden_states, image_safety_checker,
                                                config.last_step + 1)
         if config.do_sample or config.num_beams == 1:
             answers: list[AnswerTokens] = [[] for _ in questions]
-            for step, produced in enumerate(stream_tokens(self.model.llm, prompt, config, embeds)):
+            for step, produced in enumerate(stream_tokens(self.model.llm, prompt, config, embeds, constraint)):
                 if should_stop is not None and should_stop():
                     raise GenerationCancelled(f"decoding stopped by the caller after step {step}")
                 for sample, token, slot in produced:
                     answers[sample].append((token, slot))
         else:
-            answers = beam_search(self.model.llm, prompt, config, embeds, should_stop)
+            answers = beam_search(self.model.llm, prompt, config, embeds, should_stop, constraint)
         texts = [cut_at_stop(self._answer_text(prompt, i, a), config.stop) for i, a in enumerate(answers)]
         return texts, states
 
@@ -311,6 +317,7 @@ class VisCPMChat:
         vision_hidden_states: torch.Tensor | None = None,
         *,
         image_safety_checker=None,
+        language: str | None = None,
         **generation_options,
     ) -> tuple[str, str, torch.Tensor | None]:
         """One turn. Returns ``(answer, context with this turn appended, vision_hidden_states)``.
@@ -318,9 +325,12 @@ class VisCPMChat:
         ``max_length=N`` reproduces the official answers for the same N (up to N + 2 tokens);
         ``max_new_tokens=N`` caps the answer at N tokens. ``should_stop=callable`` is asked before
         every decoding step and cancels (``GenerationCancelled``) when it returns True.
+        ``language``: ``"auto"`` answers in the question's language, ``"zh"``/``"en"`` force one,
+        None (default) leaves the model free, as the official code does (see
+        :mod:`viscpm.answer_language`).
         """
         answers, states = self._generate([image], [question], [context], [vision_hidden_states], generation_options,
-                                         image_safety_checker)
+                                         image_safety_checker, language)
         return answers[0], append_turn(context, question, answers[0]), states[0]
 
     @torch.no_grad()
@@ -332,16 +342,18 @@ class VisCPMChat:
         vision_hidden_states: Sequence[torch.Tensor | None] | None = None,
         *,
         image_safety_checker=None,
+        language: str | None = None,
         **generation_options,
     ) -> list[str]:
-        """Answer many (image, question) pairs in one padded batch; equals one-at-a-time answers."""
+        """Answer many (image, question) pairs in one padded batch; equals one-at-a-time answers.
+        ``language="auto"`` follows each question's own language."""
         n = len(questions)
         contexts = list(contexts) if contexts is not None else [""] * n
         vision_hidden_states = list(vision_hidden_states) if vision_hidden_states is not None else [None] * n
         if not len(images) == len(contexts) == len(vision_hidden_states) == n:
             raise ValueError("images, questions, contexts and vision_hidden_states must have the same length")
         return self._generate(images, questions, contexts, vision_hidden_states, generation_options,
-                              image_safety_checker)[0]
+                              image_safety_checker, language)[0]
 
     @torch.no_grad()
     def stream_chat(
@@ -352,20 +364,22 @@ class VisCPMChat:
         vision_hidden_states: torch.Tensor | None = None,
         *,
         image_safety_checker=None,
+        language: str | None = None,
         **generation_options,
     ) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated (greedy unless ``do_sample``).
 
         Beam search cannot stream, so ``num_beams`` is ignored here. Use ``append_turn`` with the
-        joined pieces to continue the conversation.
+        joined pieces to continue the conversation. ``language``: as in :meth:`chat`.
         """
         generation_options.setdefault("num_beams", 1)
         config = generation_config(**generation_options)
+        constraint = self._language(language, [question])
         prompt, embeds, _ = self._prepare([image], [question], [context], [vision_hidden_states], image_safety_checker,
                                           config.last_step + 1)
         table = prompt.rev_ext_tables[0]
         cutter = _StopText(config.stop)
-        tokens = stream_tokens(self.model.llm, prompt, config, embeds)
+        tokens = stream_tokens(self.model.llm, prompt, config, embeds, constraint)
         try:
             for produced in tokens:
                 for _, token, slot in produced:

@@ -426,6 +426,8 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
             raise bad_request(str(error)) from None
         extras = passthrough_options(chat.stream_chat if body.stream else chat.batch_chat, body.model_extra,
                                      CHAT_RESERVED, settings.allow_safety_off)
+        if body.language is not None:  # a pipeline argument, not a decoding option: travels with the extras
+            extras["language"] = body.language
         image = None if turn.image_url is None else await run_in_threadpool(decode_image, turn.image_url, settings)
 
         work = ChatWork(image, turn.question, turn.context, options, extras)

@@ -65,6 +65,8 @@ class ChatCompletionRequest(_Request):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
     length_penalty: float | None = None
+    # the answer's language: auto (the question's), zh or en; None: the model is free (official)
+    language: Literal["auto", "zh", "en"] | None = None
 
 
 class ImageGenerationRequest(_Request):

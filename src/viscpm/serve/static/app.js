@@ -159,6 +159,7 @@ $("chat-form").addEventListener("submit", async (event) => {
                     max_tokens: numberOrNull("chat-max-tokens") || undefined };
   const temperature = numberOrNull("chat-temperature");
   if (temperature !== null) request.temperature = temperature;
+  if ($("chat-language").value) request.language = $("chat-language").value;
 
   setBusy(true);
   setStatus("answering… 回答中…");
