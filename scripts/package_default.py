@@ -22,6 +22,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "src" / "viscpm" / "assets"
 # What `VisCPMPaint()` paints at unless told otherwise: the guidance at which README's paint
 # scores are measured; at the official 7.5 the packaged model gets whole scenes right half as often.
 PAINT_GUIDANCE_SCALE = 4.0
+PAINT_SIZE = 64  # ShapesWorld's image size, which the packaged paint model was trained at
 
 
 def half_copy(source: Path, target: Path) -> None:
@@ -40,7 +41,7 @@ def half_copy(source: Path, target: Path) -> None:
 def main(chat: str, paint: str) -> None:
     half_copy(Path(chat), ASSETS / "chat")
     half_copy(Path(paint), ASSETS / "paint")
-    PaintDefaults(PAINT_GUIDANCE_SCALE).save(ASSETS / "paint")
+    PaintDefaults(PAINT_GUIDANCE_SCALE, height=PAINT_SIZE, width=PAINT_SIZE).save(ASSETS / "paint")
     total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
     print(f"packaged into {ASSETS}: {total / 1e6:.1f} MB ({total / 2**20:.1f} MiB)")
     if total > PACKAGED_BYTES_LIMIT:

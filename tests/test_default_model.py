@@ -34,6 +34,19 @@ def test_packaged_models_are_safetensors_configs_and_vocab_within_the_size_limit
     assert sum(path.stat().st_size for path in files) <= PACKAGED_BYTES_LIMIT
 
 
+def test_the_packaged_paint_model_is_the_same_whichever_way_it_is_loaded():
+    """By path it used to lose its self-ranking (and fp32); its resolution is its own 64 px."""
+    import torch
+
+    from viscpm import VisCPMPaint
+    from viscpm.rerank import ChatSelfRanker
+
+    for painter in (VisCPMPaint(progress_bar=False), VisCPMPaint(str(default_model_path("paint")), progress_bar=False)):
+        assert isinstance(painter.ranker, ChatSelfRanker)
+        assert painter.model.llm.embed.weight.dtype == torch.float32
+        assert painter.default_size == (64, 64) and painter.defaults.guidance_scale == 4.0
+
+
 def test_packaged_chat_answers_in_both_languages(eval_dir):
     from viscpm import VisCPMChat
 

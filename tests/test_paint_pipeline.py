@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from viscpm.checkpoints import CheckpointError
 from viscpm.pipelines.paint import (
     MAX_PROMPT_TOKENS, RANKER_CANDIDATES, SCHEDULERS, PaintDefaults, PaintedImage, RefusedPrompt, VisCPMPaint,
-    build_scheduler,
+    build_scheduler, candidate_seed,
 )
 from viscpm.safety import SafetyResult
 
@@ -359,14 +359,33 @@ def test_switches_per_call(painter):
     ranker = lambda prompt, images: seen.append(len(images)) or list(range(len(images)))  # noqa: E731
     results = painter.paint("a cat", num_images_per_prompt=2, num_inference_steps=1, seed=0, add_ranker=ranker,
                             num_candidates=3)
-    assert seen == [6] and [r.seed for r in results] == [2, 5]  # the best of seeds 0-2 and of 3-5
-    assert results[0].metadata["ranker"]["candidate_seeds"] == [0, 1, 2]
+    assert seen == [6] and [r.seed for r in results] == [0, 1]  # image k keeps seed + k under ranking
+    assert results[0].metadata["ranker"]["candidate_seeds"] == [0, candidate_seed(0, 1), candidate_seed(0, 2)]
+    assert results[1].metadata["ranker"]["candidate_seeds"][0] == 1 and results[1].metadata["ranker"]["chosen"] == 2
     with pytest.raises(ValueError, match="self-reranking needs a chat model"):
         painter.paint("a cat", num_inference_steps=1, add_ranker=True)
     with pytest.raises(ValueError, match="per call, pass true or false"):
         painter.paint("a cat", num_inference_steps=1, add_ranker="some/folder")
     with pytest.raises(ValueError, match="num_candidates must be a positive integer"):
         painter.paint("a cat", num_inference_steps=1, add_ranker=ranker, num_candidates=0)
+
+
+def test_a_ranked_image_repaints_alone_from_its_reported_seed(painter):
+    """The documented rule under ranking: the seed reported for image k is seed + k, and painting
+    with it alone and the same settings (ranker included) gives the same image; the chosen
+    candidate's own seed repaints it with ranking off."""
+    brightness = lambda prompt, images: [float(pixels(image).mean()) for image in images]  # noqa: E731
+    options = {"num_inference_steps": 2, "add_ranker": brightness, "num_candidates": 3}
+    results = painter.paint("a red square", num_images_per_prompt=2, seed=40, **options)
+    assert [r.seed for r in results] == [40, 41]
+    for result in results:
+        again = painter.paint("a red square", seed=result.seed, **options)[0]
+        assert again.seed == result.seed and again.metadata["ranker"]["chosen"] == result.metadata["ranker"]["chosen"]
+        assert np.abs(pixels(again.image) - pixels(result.image)).max() <= 1
+        ranked = result.metadata["ranker"]
+        chosen_alone = painter.paint("a red square", num_inference_steps=2, seed=ranked["candidate_seeds"][ranked["chosen"]])
+        assert np.abs(pixels(chosen_alone[0].image) - pixels(result.image)).max() <= 1
+    assert len({s for r in results for s in r.metadata["ranker"]["candidate_seeds"]}) == 6  # no shared noise
 
 
 def test_pluggable_checkers_and_ranker(reference, checkpoint_dir, caplog):
@@ -405,7 +424,7 @@ def test_save_pretrained_round_trip(painter, tmp_path):
     assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "vocab.txt", "vae",
                                                   "generation_config.json"}
     again = VisCPMPaint(folder, False, False, False, progress_bar=False)
-    assert again.config == painter.config and again.defaults == painter.defaults == PaintDefaults(7.5)
+    assert again.config == painter.config and again.defaults == PaintDefaults(7.5, SIZE, SIZE)
     a = painter.paint("a cat", num_inference_steps=2, seed=5)[0]
     b = again.paint("a cat", num_inference_steps=2, seed=5)[0]
     assert np.array_equal(pixels(a.image), pixels(b.image))
@@ -426,8 +445,32 @@ def test_a_model_folder_sets_its_own_default_guidance(painter, tmp_path):
     assert tuned.paint("a cat", num_inference_steps=1, seed=5, guidance_scale=7.5)[0].guidance_scale == 7.5
 
 
+def test_a_model_folder_states_its_resolution(painter, tmp_path, caplog):
+    """generation_config.json's height/width are what paint(), generate() and the official call
+    paint at when no size is given; save_pretrained states the model's resolution; a size far from
+    it warns."""
+    folder = painter.save_pretrained(tmp_path / "saved")
+    assert json.loads((folder / "generation_config.json").read_text()) == {
+        "guidance_scale": 7.5, "height": SIZE, "width": SIZE}  # the tiny UNet's own resolution, stated
+    (folder / "generation_config.json").write_text(json.dumps({"guidance_scale": 7.5, "height": 16, "width": 24}))
+    small = VisCPMPaint(folder, False, False, False, progress_bar=False)
+    assert small.default_size == (16, 24)
+    assert small.paint("a cat", num_inference_steps=1, seed=0)[0].image.size == (24, 16)
+    assert small.generate("a cat", num_inference_steps=1).size == (24, 16)
+    assert small.generate("a cat", num_inference_steps=1, image_size=16).size == (16, 16)
+    with caplog.at_level(logging.WARNING, logger="viscpm.pipelines.paint"):
+        small.paint("a cat", num_inference_steps=1, seed=0, height=64, width=64)
+    assert "trained at 24x16" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="viscpm.pipelines.paint"):
+        small.paint("a cat", num_inference_steps=1, seed=0, height=24, width=32)
+    assert "trained at" not in caplog.text
+
+
 @pytest.mark.parametrize("text, message", [
     ('{"guidance_scale": -2}', "guidance_scale must be a finite number >= 0"),
+    ('{"height": 0}', "height must be a positive number of pixels"),
+    ('{"width": "64"}', "width must be a positive number of pixels"),
     ('{"guidance": 4}', r"unknown keys \['guidance'\]"),
     ('[4]', "must hold a JSON object"),
     ('{"guidance_scale": 4', "not a valid paint generation config"),

@@ -34,7 +34,7 @@ import math
 import os
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -103,12 +103,22 @@ class PaintDefaults:
     """A model's own sampling defaults, from ``generation_config.json`` beside its weights when
     present; what a call does not set. The official 7.5 costs a small model its colours: the
     packaged ShapesWorld model gets English colours right 53 % of the time at 7.5 and 68 % at 4,
-    whole scenes half as often (README, "ShapesWorld")."""
+    whole scenes half as often (docs/shapesworld.md).
+
+    ``height``/``width``: the resolution the model was trained at, in pixels; None = the UNet's
+    ``sample_size`` times the VAE's downscaling (512 for the official SD-2.1-base UNet). The packaged
+    model states 64: painting it at 512 takes minutes and breaks the picture."""
 
     guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
 
     def __post_init__(self):
         check_guidance_scale(self.guidance_scale)
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive number of pixels, got {value!r}")
 
     @classmethod
     def load(cls, folder: Path) -> "PaintDefaults":
@@ -177,6 +187,17 @@ def build_scheduler(name: str, config: dict) -> SchedulerMixin:
     return cls.from_config({**config, **overrides})
 
 
+def candidate_seed(seed: int, index: int) -> int:
+    """The seed of ranking candidate ``index`` of the image seeded ``seed``: the seed itself first
+    (so ranking off paints candidate 0), then seeds drawn from ``(seed, index)``, which no other
+    image's ``seed + k`` reaches in practice. Candidates depend on the image's seed only, so the
+    seed reported for an image repaints it alone with the same settings, ranking included."""
+    if index == 0:
+        return seed
+    drawn = np.random.SeedSequence([seed % 2**64, index]).generate_state(1, np.uint64)[0]
+    return int(drawn) >> 1  # 63 bits: any torch.Generator accepts it
+
+
 def grid_image(images: Sequence[Image.Image]) -> Image.Image:
     """Images side by side, up to 8 per row, no padding (the official return value)."""
     width, height = images[0].size
@@ -228,6 +249,19 @@ def _packaged_chat() -> VisCPMChat:
     return VisCPMChat(None, image_safety_checker=False)
 
 
+def _is_packaged_paint(model_path: str | os.PathLike | None) -> bool:
+    """Whether ``model_path`` is the packaged paint model (None, or its folder by any path), so it
+    behaves the same (fp32, self-ranked by the packaged chat model) however it is named."""
+    if model_path is None:
+        return True
+    if not has_default_model("paint"):
+        return False
+    try:
+        return Path(model_path).resolve() == default_model_path("paint").resolve()
+    except OSError:
+        return False
+
+
 class VisCPMPaint:
     """Text to image. ``model_path``: an official ``.pt``, our saved folder, or None for the model
     shipped with the package (loaded in fp32 unless ``dtype`` says otherwise).
@@ -273,13 +307,14 @@ class VisCPMPaint:
         offload_folder: str | os.PathLike | None = None,
     ):
         # resolved first, so a wrong switch fails before gigabytes are read
-        packaged_chat = _packaged_chat if model_path is None and has_default_model("chat") else None
+        packaged = _is_packaged_paint(model_path)
+        packaged_chat = _packaged_chat if packaged and has_default_model("chat") else None
         self.prompt_safety_checker: PromptChecker | None = load_prompt_checker(prompt_safety_checker)
         self.image_safety_checker: ImageChecker | None = load_image_checker(image_safety_checker)
         self.ranker: Ranker | None = load_ranker(add_ranker, chat=packaged_chat)
         self._default_chat = packaged_chat
         self._bundled: dict[str, object] = {}  # defaults loaded for a call that turned a switch on
-        if model_path is None:
+        if packaged:
             model_path, dtype = default_model_path("paint"), dtype or torch.float32
         on_cpu = torch.device(device).type == "cpu"  # CPU: quantized while loading; CUDA: by bitsandbytes
         model, config, weights = load_weights(
@@ -313,6 +348,8 @@ class VisCPMPaint:
         self.progress_bar = progress_bar
         self.quant = quant
         self.memory = self._apply_memory_options(memory if memory is not None else MemoryOptions())
+        trained = model.unet.config.sample_size * self.vae_scale_factor
+        self.default_size = (self.defaults.height or trained, self.defaults.width or trained)  # (height, width)
 
     def _apply_memory_options(self, memory: MemoryOptions) -> MemoryOptions:
         if not isinstance(memory, MemoryOptions):
@@ -368,6 +405,11 @@ class VisCPMPaint:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {n}")
         check_guidance_scale(guidance_scale)
+        native_height, native_width = self.default_size
+        if not (0.5 <= height / native_height <= 2 and 0.5 <= width / native_width <= 2):
+            logger.warning("painting %dx%d with a model trained at %dx%d: far from its own size this is slow and "
+                           "the picture usually breaks; leave the size out to use the model's", width, height,
+                           native_width, native_height)
 
     def _switch(self, name: str, value):
         """The checker or ranker for one call: None = as built; False = off; True = as built, or
@@ -459,9 +501,14 @@ class VisCPMPaint:
         off, True turns it on (the painter's, or the default), a callable replaces it. A flagged
         prompt raises :class:`RefusedPrompt` before anything is painted.
 
+        ``height``/``width`` default to the model's own resolution (:attr:`default_size`).
+
         Seeds: image k of the call gets its own generator seeded ``seed + k`` (``seed`` drawn at
-        random when not given), so any image can be painted again alone. A ``generator`` instead is
-        shared by all images in order, as the official code does."""
+        random when not given), so any image can be painted again alone: ``seed=result.seed`` with
+        the same settings gives the same image. With a ranker, an image's candidates are painted
+        with :func:`candidate_seed` ``(seed + k, j)``; the chosen candidate's own seed is in
+        ``metadata["ranker"]`` (it repaints that candidate with ranking off). A ``generator`` instead
+        is shared by all images in order, as the official code does."""
         # 1. check inputs
         if not isinstance(prompt, (str, list, tuple)):
             raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
@@ -471,8 +518,7 @@ class VisCPMPaint:
             raise ValueError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts")
         scheduler, num_inference_steps = sampling_preset(preset, scheduler, num_inference_steps)
         guidance_scale = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
-        default = self.model.unet.config.sample_size * self.vae_scale_factor
-        height, width = default if height is None else height, default if width is None else width
+        height, width = self.default_size[0] if height is None else height, self.default_size[1] if width is None else width
         self._check(height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
         if guidance_scale < 1:
             logger.warning("guidance_scale %s < 1 turns classifier-free guidance off (as in diffusers)", guidance_scale)
@@ -503,7 +549,8 @@ class VisCPMPaint:
         else:
             name = type(scheduler).__name__
         candidates = num_candidates if ranker is not None else 1
-        per_prompt = num_images_per_prompt * candidates
+        n = num_images_per_prompt
+        per_prompt = n * candidates
         if latents is not None and latents.size(0) != per_prompt * len(prompts):
             raise ValueError(f"latents hold {latents.size(0)} images but this call paints "
                              f"{per_prompt * len(prompts)} ({len(prompts)} prompts × {per_prompt})")
@@ -512,7 +559,8 @@ class VisCPMPaint:
         # One prompt at a time: each keeps its own official padding, which the UNet attends to.
         for p, (text, negative) in enumerate(zip(prompts, negatives)):
             start = latents[p * per_prompt : (p + 1) * per_prompt] if latents is not None else None
-            seeds = [seed + p * per_prompt + k for k in range(per_prompt)] if seed is not None else [None] * per_prompt
+            image_seeds = [seed + p * n + k for k in range(n)] if seed is not None else [None] * n
+            seeds = [candidate_seed(s, j) if s is not None else None for s in image_seeds for j in range(candidates)]
             generators = generator if generator is not None else [torch.Generator("cpu").manual_seed(s) for s in seeds]
             images = self._paint_one(text, negative, per_prompt, guidance_scale, num_inference_steps,
                                      height, width, scheduler, generators, start, callback)
@@ -531,11 +579,12 @@ class VisCPMPaint:
                         for g in range(0, len(images), candidates)]
                 for g, i in zip(range(0, len(images), candidates), keep):
                     metadata[i]["ranker"] = {"name": getattr(ranker, "name", type(ranker).__name__),
+                                             "chosen": i - g,
                                              "candidate_seeds": seeds[g : g + candidates],
                                              "candidate_scores": scores[g : g + candidates]}
-            results += [PaintedImage(images[i], text, negative, seeds[i], num_inference_steps, name, guidance_scale,
-                                     flagged[i], scores[i], metadata[i], checks[i].reason or None)
-                        for i in keep]
+            results += [PaintedImage(images[i], text, negative, image_seeds[k], num_inference_steps, name,
+                                     guidance_scale, flagged[i], scores[i], metadata[i], checks[i].reason or None)
+                        for k, i in enumerate(keep)]
         return results
 
     __call__ = paint
@@ -545,16 +594,18 @@ class VisCPMPaint:
         prompt: str,
         negative_prompt: str | None = None,
         num_images_per_prompt: int = 1,
-        guidance_scale: float = 7.5,
-        image_size: int = 512,
+        guidance_scale: float | None = None,
+        image_size: int | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         num_inference_steps: int = 50,
     ) -> Image.Image:
-        """The official call: DDPM, ``image_size`` square, one PIL image holding all results as a grid."""
+        """The official call: DDPM, ``image_size`` square, one PIL image holding all results as a grid.
+        ``guidance_scale`` and ``image_size`` default to the model's (officially 7.5 and 512)."""
+        height, width = (image_size, image_size) if image_size is not None else self.default_size
         results = self.paint(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                              guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                             height=image_size, width=image_size, generator=generator, latents=latents)
+                             height=height, width=width, generator=generator, latents=latents)
         return grid_image([r.image for r in results])
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -565,5 +616,6 @@ class VisCPMPaint:
         refuse_quantized(self.quant)
         folder = save_folder(self.model, self.config, folder, self.vocab_path, dtype=dtype, max_shard_size=max_shard_size)
         self.vae.save_pretrained(folder / VAE_FOLDER)
-        self.defaults.save(folder)
+        height, width = self.default_size  # stated, so the folder says its resolution whatever its UNet
+        replace(self.defaults, height=height, width=width).save(folder)
         return folder
