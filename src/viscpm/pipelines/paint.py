@@ -9,7 +9,8 @@ The seed API matches the official one, so VisCPM users can switch::
 
 Beyond it, ``painter.paint(...)`` (also ``painter(...)``) returns one :class:`PaintedImage` per
 image with its seed, steps, scheduler and guidance, takes ``height``/``width``, a scheduler by
-name, a seed, a per-step callback, and a list of prompts.
+name, a seed, a per-step callback, and a list of prompts; with ``image=`` (and ``strength``) it
+paints image-to-image, with ``mask_image=`` it inpaints (see :mod:`viscpm.pipelines.edit`).
 
 Safety and ranking are pluggable parts (:mod:`viscpm.safety`, :mod:`viscpm.rerank`), chosen when
 the painter is built and switchable per call: the prompt checker refuses a flagged prompt
@@ -64,6 +65,7 @@ from ..safety import (
 from ..tokenization import CPMBeeTokenizer
 from .chat import VisCPMChat
 from .defaults import default_model_path, has_default_model
+from .edit import EditSource, edit_metadata, prepare_edit
 
 logger = logging.getLogger(__name__)
 
@@ -430,13 +432,14 @@ class VisCPMPaint:
 
     @torch.no_grad()
     def _paint_one(self, prompt, negative_prompt, n, guidance_scale, steps, height, width, scheduler,
-                   generator, latents, callback) -> list[Image.Image]:
+                   generator, latents, callback, edit: EditSource | None = None) -> list[Image.Image]:
         # 2. encode: [negative; prompt] under guidance, each repeated n times -> (2n or n, L, d)
         guided = guidance_scale > 1
         states = self.encode_prompt(prompt, negative_prompt, guided)
         states = states.repeat_interleave(n, dim=0)
 
-        # 3. latents: drawn from the generator (before any step noise, as officially) or given
+        # 3. latents: drawn from the generator (before any step noise, as officially) or given; an
+        #    edit starts from its image, noised to the strength's first timestep
         scheduler.set_timesteps(steps, device=self.device)
         unet = self.model.unet
         shape = (n, unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -444,11 +447,13 @@ class VisCPMPaint:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=unet.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {list(shape)} for this call, got {list(latents.shape)}")
-        latents = latents.to(self.device, unet.dtype) * scheduler.init_noise_sigma
+        noise = latents.to(self.device, unet.dtype)
+        timesteps = scheduler.timesteps if edit is None else edit.timesteps(scheduler, steps)
+        latents = noise * scheduler.init_noise_sigma if edit is None else edit.start(scheduler, noise, timesteps)
 
         # 4. denoise; under guidance the UNet reads [uncond; cond] and the prediction is
-        #    u + g (c - u)
-        for i, t in enumerate(tqdm(scheduler.timesteps, desc="painting", disable=not self.progress_bar)):
+        #    u + g (c - u); inpainting puts the image back outside the mask after each step
+        for i, t in enumerate(tqdm(timesteps, desc="painting", disable=not self.progress_bar)):
             model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
             output = unet(model_input, t, encoder_hidden_states=states).sample
             if guided:
@@ -457,9 +462,10 @@ class VisCPMPaint:
             else:
                 noise_pred = output
             new_latents = scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
+            if edit is not None:
+                new_latents = edit.blend(scheduler, new_latents, noise, timesteps, i)
             if callback is not None:
-                callback(PaintStep(i, int(t), len(scheduler.timesteps), latents, model_input, output, noise_pred,
-                                   new_latents))
+                callback(PaintStep(i, int(t), len(timesteps), latents, model_input, output, noise_pred, new_latents))
             latents = new_latents
 
         # 5. decode, 6. postprocess: float [0, 1] NHWC -> uint8 with numpy's round-half-even
@@ -488,6 +494,9 @@ class VisCPMPaint:
         image_safety_checker: bool | ImageChecker | None = None,
         add_ranker: bool | Ranker | None = None,
         num_candidates: int = RANKER_CANDIDATES,
+        image: str | os.PathLike | Image.Image | None = None,
+        mask_image: str | os.PathLike | Image.Image | None = None,
+        strength: float | None = None,
     ) -> list[PaintedImage]:
         """Paint ``num_images_per_prompt`` images for each prompt. With a ranker, each returned
         image is the best of ``num_candidates``. ``latents``: (N, C, h, w) initial noise,
@@ -502,6 +511,11 @@ class VisCPMPaint:
         prompt raises :class:`RefusedPrompt` before anything is painted.
 
         ``height``/``width`` default to the model's own resolution (:attr:`default_size`).
+
+        ``image``: paint image-to-image from it (resized to ``height`` × ``width``); ``strength``
+        (default 0.8) is how much of the schedule repaints it, 0 keeps it, 1 ignores it.
+        ``mask_image`` (same size as ``image``; white = repaint, black = keep): inpaint, at
+        strength 1 by default. Both follow diffusers' conventions (:mod:`viscpm.pipelines.edit`).
 
         Seeds: image k of the call gets its own generator seeded ``seed + k`` (``seed`` drawn at
         random when not given), so any image can be painted again alone: ``seed=result.seed`` with
@@ -540,6 +554,10 @@ class VisCPMPaint:
                     shown = text if len(text) <= 80 else text[:77] + "..."
                     raise RefusedPrompt(f"the prompt {shown!r} was refused: {result.reason}; nothing was painted",
                                         result.reason, result.checker)
+        if image is None and (mask_image is not None or strength is not None):
+            raise ValueError("mask_image and strength edit an image: pass image= too (the picture to start from)")
+        edit = None if image is None else prepare_edit(self.vae, self.vae_scale_factor, image, mask_image, strength,
+                                                       height, width)
         if seed is not None and generator is not None:
             raise ValueError("pass seed or generator, not both")
         if seed is None and generator is None:
@@ -563,7 +581,7 @@ class VisCPMPaint:
             seeds = [candidate_seed(s, j) if s is not None else None for s in image_seeds for j in range(candidates)]
             generators = generator if generator is not None else [torch.Generator("cpu").manual_seed(s) for s in seeds]
             images = self._paint_one(text, negative, per_prompt, guidance_scale, num_inference_steps,
-                                     height, width, scheduler, generators, start, callback)
+                                     height, width, scheduler, generators, start, callback, edit)
             # 7. safety: flagged images become black and are reported
             images, checks = screen_images(image_checker, images)
             flagged = [bool(c) for c in checks]
@@ -572,7 +590,8 @@ class VisCPMPaint:
                                sum(flagged), len(flagged), "; ".join(dict.fromkeys(c.reason for c in checks if c)))
             scores: list[float | None] = [None] * len(images)
             keep = list(range(len(images)))
-            metadata = [{"height": height, "width": width} for _ in images]
+            metadata = [{"height": height, "width": width} | ({"edit": edit_metadata(edit)} if edit else {})
+                        for _ in images]
             if ranker is not None:  # 8. rank: the best unflagged candidate of each group
                 scores = [float(s) for s in ranker(text, images)]
                 keep = [max(range(g, g + candidates), key=lambda i: (not flagged[i], scores[i]))
