@@ -105,3 +105,30 @@ def test_ranker_folder_picks_the_best_of_k(reference, checkpoint_dir, tmp_path, 
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"{out} (seed ") and line.endswith("; best of 3 by chinese-clip)")
     assert int(line.split("seed ")[1].split(";")[0]) in (5, 6, 7)
+
+
+def test_image_mask_and_strength_edit_an_image(reference, checkpoint_dir, tmp_path, capsys):  # noqa: F811
+    """Issue 24: --image/--mask/--strength reach paint(); the PNG records the edit; bad inputs exit 2."""
+    from .test_paint_pipeline import open_tiny
+
+    source, mask, out = tmp_path / "source.png", tmp_path / "mask.png", tmp_path / "edited.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(source)
+    drawn = Image.new("L", (32, 32), 0)
+    drawn.paste(255, (0, 0, 16, 32))  # repaint the left half
+    drawn.save(mask)
+    assert main(paint_args(reference, checkpoint_dir, "a blue square", "-o", str(out), "--seed", "4",
+                           "--image", str(source), "--mask", str(mask), "--strength", "0.5")) == 0
+    with Image.open(out) as image:
+        settings = json.loads(image.text["viscpm"])
+        written = image.convert("RGB").copy()
+    assert settings["metadata"]["edit"] == {"mode": "inpaint", "strength": 0.5, "masked_share": 0.5}
+    expected = open_tiny(reference, checkpoint_dir).paint("a blue square", num_inference_steps=2, seed=4,
+                                                        image=source, mask_image=mask, strength=0.5)[0].image
+    assert written.tobytes() == expected.tobytes()
+    Image.new("L", (16, 16), 255).save(mask)
+    assert main(paint_args(reference, checkpoint_dir, "x", "-o", str(out), "--image", str(source),
+                           "--mask", str(mask))) == 2
+    assert "mask_image is 16x16 but the image is 32x32" in capsys.readouterr().err
+    assert main(paint_args(reference, checkpoint_dir, "x", "-o", str(out), "--image", str(source),
+                           "--strength", "2")) == 2
+    assert "strength must be a number from 0" in capsys.readouterr().err

@@ -179,6 +179,44 @@ def test_images_default_size_and_wide_size(server):
     assert Image.open(io.BytesIO(base64.b64decode(wide.data[0].b64_json))).size == (48, 32)
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_images_edit_with_the_openai_client(server, tiny_paint):
+    """Issue 24: /v1/images/edits takes OpenAI's multipart form; the answer equals the pipeline's
+    inpainting; an alpha mask follows OpenAI (transparent = repaint); bad inputs are 400s."""
+    source = Image.new("RGB", (32, 32), (30, 60, 200))
+    keep_left = Image.new("RGBA", (32, 32), (0, 0, 0, 255))
+    keep_left.paste((0, 0, 0, 0), (16, 0, 32, 32))  # OpenAI's mask: the transparent right half is edited
+    c = client(server)
+    result = c.images.edit(image=("source.png", png_bytes(source), "image/png"), prompt="a red circle",
+                           mask=("mask.png", png_bytes(keep_left), "image/png"), n=2, size="32x32",
+                           response_format="b64_json", extra_body={"seed": 3, "num_inference_steps": 2,
+                                                                   "strength": 0.75})
+    images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in result.data]
+    white_right = Image.new("L", (32, 32), 0)
+    white_right.paste(255, (16, 0, 32, 32))
+    expected = tiny_paint.paint("a red circle", num_images_per_prompt=2, seed=3, num_inference_steps=2,
+                                image=source, mask_image=white_right, strength=0.75)
+    assert [im.convert("RGB").tobytes() for im in images] == [r.image.tobytes() for r in expected]
+    assert json.loads(images[0].text["viscpm"])["metadata"]["edit"]["mode"] == "inpaint"
+    plain = c.images.edit(image=("source.png", png_bytes(source), "image/png"), prompt="a red circle",
+                          extra_body={"seed": 3, "num_inference_steps": 2, "strength": 0.5})
+    assert len(plain.data) == 1
+    bad = [({"mask": ("mask.png", png_bytes(Image.new("L", (16, 16), 255)), "image/png")}, "the mask is 16x16"),
+           ({"extra_body": {"strength": 1.5}}, "strength"),
+           ({"image": ("notes.txt", b"just text", "text/plain")}, "not a readable image")]
+    for change, message in bad:
+        options = {"image": ("source.png", png_bytes(source), "image/png"), "prompt": "x", **change}
+        with pytest.raises(openai.BadRequestError, match=message):
+            c.images.edit(**options)
+    response = httpx.post(server + "/v1/images/edits", json={"prompt": "x"})
+    assert response.status_code == 400 and "multipart/form-data" in response.json()["error"]["message"]
+
+
 def test_per_request_pipeline_switches_pass_through(tiny_paint, monkeypatch):
     """Extra fields that name a keyword of VisCPMPaint.paint reach it when they are switches; others
     are ignored; turning a safety checker off needs the operator's consent."""

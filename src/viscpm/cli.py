@@ -303,6 +303,11 @@ def _add_paint_parser(commands) -> None:
     # the names of pipelines.paint.SCHEDULERS, spelled out so that `viscpm --help` need not import diffusers
     sampling.add_argument("--scheduler", choices=["ddpm", "ddim", "euler", "dpm++", "dpm++-sde"],
                           help="sampler (default: the preset's; ddpm is the official one)")
+    edit = parser.add_argument_group("editing an image / 改图")
+    edit.add_argument("--image", help="start from this image (image-to-image; resized to the painting's size)")
+    edit.add_argument("--mask", help="repaint only where this mask is white (inpainting; same size as --image)")
+    edit.add_argument("--strength", type=float,
+                      help="0 keeps the image, 1 repaints it all (default 0.8 with --image, 1 with --mask)")
     memory = parser.add_argument_group("memory (diffusers' switches; slower, for big images or small machines)")
     memory.add_argument("--attention-slicing", type=_attention_slice, metavar="{auto,max,N}",
                         help="UNet attention a slice of heads at a time")
@@ -356,7 +361,8 @@ def run_paint(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
                             guidance_scale=args.guidance, num_inference_steps=args.steps,
                             height=args.height or args.size, width=args.width or args.size,
                             scheduler=args.scheduler, preset=args.preset, seed=args.seed,
-                            num_candidates=args.candidates)
+                            num_candidates=args.candidates, image=args.image, mask_image=args.mask,
+                            strength=args.strength)
     output = Path(args.output)
     for number, result in enumerate(results, start=1):
         path = output if len(results) == 1 else output.with_name(f"{output.stem}-{number}{output.suffix}")
@@ -447,6 +453,7 @@ SERVE_HELP = """Serve the models: an OpenAI-compatible HTTP API and a web page, 
 
   POST /v1/chat/completions   chat about images (OpenAI format; image_url parts as data URLs; stream)
   POST /v1/images/generations paint (OpenAI format; b64_json)
+  POST /v1/images/edits       repaint an image or a masked part of it (OpenAI's multipart form)
   GET  /v1/models, /health, / (the web page: chat and paint)
 
 Binds 127.0.0.1 (this machine only) unless --host says otherwise; any other address needs an API

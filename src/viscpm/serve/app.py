@@ -4,7 +4,8 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes: ``POST /v1/chat/completions`` (messages with text and ``image_url`` parts; ``stream`` as
-server-sent events), ``POST /v1/images/generations`` (``b64_json``), ``GET /v1/models``,
+server-sent events), ``POST /v1/images/generations`` (``b64_json``), ``POST /v1/images/edits``
+(OpenAI's multipart form: image-to-image and inpainting), ``GET /v1/models``,
 ``GET /health``, and the page at ``/``. Model calls run on one worker thread per model, never on
 the event loop; concurrent non-streamed chat requests with equal options are decoded as one batch.
 Every error is a JSON body ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status.
@@ -33,6 +34,7 @@ from .. import __version__
 from ..generation import GenerationCancelled
 from ..pipelines.chat import ContextTooLong, generation_config
 from .conversation import to_turn
+from .edits import read_edit_form
 from .errors import ApiError, bad_request
 from .images import decode_image
 from .runners import ChatRunner, ChatWork, PaintWork, run_paint
@@ -55,7 +57,7 @@ CHAT_RESERVED = {"self", "image", "images", "question", "questions", "context", 
                  "should_stop"}
 PAINT_RESERVED = {"self", "prompt", "negative_prompt", "num_images_per_prompt", "guidance_scale",
                   "num_inference_steps", "height", "width", "scheduler", "preset", "seed", "generator", "latents",
-                  "callback"}
+                  "callback", "image", "mask_image", "strength"}
 
 
 def passthrough_options(method, extras: dict[str, Any] | None, reserved: set[str],
@@ -497,11 +499,23 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
     async def images_generations(body: ImageGenerationRequest, request: Request):
         start = time.monotonic()
         model = served(body.model, "paint")
+        return await painted(body, request, start, model)
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request):
+        """Image-to-image and inpainting from OpenAI's multipart form (see ``edits.py``)."""
+        start = time.monotonic()
+        body, image, mask = await read_edit_form(request, settings)
+        model = served(body.model, "paint")
+        return await painted(body, request, start, model, image=image.image, mask_image=mask, strength=body.strength)
+
+    async def painted(body: ImageGenerationRequest, request: Request, start: float, model: str, **edit):
+        """Paint the request on the paint worker; the OpenAI images response."""
         chars = len(body.prompt) + len(body.negative_prompt or "")
         if chars > settings.max_text_chars:
             raise bad_request(f"the prompt has {chars:,} characters; this server takes at most "
                               f"{settings.max_text_chars:,}", "prompt_too_long", "prompt")
-        options = paint_options(body, settings)
+        options = paint_options(body, settings) | edit
         options.update(passthrough_options(paint.paint, body.model_extra, PAINT_RESERVED, settings.allow_safety_off))
         job = Job(lambda jobs: run_paint(paint, jobs), PaintWork(body.prompt, body.negative_prompt, options),
                   start + settings.request_timeout, asyncio.get_running_loop())

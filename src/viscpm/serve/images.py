@@ -27,6 +27,9 @@ from ..image_processing import ImageError, load_image
 from .errors import ApiError, bad_request
 from .settings import ServeSettings
 
+# what a client may send: PIL would also open formats no browser or API client sends (and some with
+# more attack surface, such as EPS through Ghostscript), so only these are tried
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 REMOTE_SCHEMES = ("http", "https")
 
@@ -122,11 +125,18 @@ def decode_image(url: str, settings: ServeSettings) -> DecodedImage:
     """An ``image_url`` -> a decoded RGB image. Raises ApiError 400 (unusable) or 413 (too large).
 
     Blocking (base64, maybe a download, PIL decoding): call it off the event loop."""
-    data = image_bytes(url, settings)
+    return decode_image_bytes(image_bytes(url, settings), settings)
+
+
+def _open_checked(data: bytes, settings: ServeSettings) -> "Image.Image":
+    """The image in ``data``, opened (not yet decoded) with its size checked."""
+    _check_bytes(len(data), settings)
+    if not data:
+        raise bad_request("the image is empty (0 bytes)", "invalid_image")
     try:
         with warnings.catch_warnings():  # our own pixel limit below is the one that counts
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data))
+            opened = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
     except Image.DecompressionBombError:
         raise too_large(f"the image is larger than {settings.max_image_pixels:,} pixels (a decompression bomb?); "
                         "send a smaller image") from None
@@ -137,11 +147,32 @@ def decode_image(url: str, settings: ServeSettings) -> DecodedImage:
     if width * height > settings.max_image_pixels:
         raise too_large(f"the image is {width}x{height} = {width * height:,} pixels, above this server's limit "
                         f"of {settings.max_image_pixels:,}; downscale it")
+    return opened
+
+
+def decode_image_bytes(data: bytes, settings: ServeSettings) -> DecodedImage:
+    """Encoded image bytes (an upload, a data URL's payload) -> a decoded RGB image; 400/413 as above."""
+    opened = _open_checked(data, settings)
     try:
         image = load_image(opened, max_pixels=settings.max_image_pixels)  # decodes; corrupt data fails here
     except ImageError as error:
         raise bad_request(f"the image cannot be used: {error}", "invalid_image") from None
     return DecodedImage(image, hashlib.sha256(data).hexdigest())
+
+
+def decode_mask_bytes(data: bytes, settings: ServeSettings) -> "Image.Image":
+    """An inpainting mask -> a greyscale image where white marks what to repaint. A mask with an alpha
+    channel follows OpenAI's convention (fully transparent = edit); one without, diffusers' (white = edit)."""
+    opened = _open_checked(data, settings)
+    try:
+        opened.load()
+        if opened.mode in ("RGBA", "LA", "PA") or "transparency" in opened.info:
+            alpha = opened.convert("RGBA").getchannel("A")
+            return alpha.point(lambda a: 255 if a == 0 else 0)
+        return opened.convert("L")
+    except (OSError, ValueError, SyntaxError):
+        raise bad_request("the mask is not a readable image (corrupt or truncated); send a PNG",
+                          "invalid_image", "mask") from None
 
 
 def png_base64(painted) -> str:
