@@ -84,3 +84,50 @@ def test_paint_view_prompt_to_gallery(page, server):
     page.click("#paint-go")
     error = page.wait_for_selector("#gallery figure.error", timeout=30_000)
     assert "multiple of" in error.inner_text()
+
+
+def test_paint_view_edits_an_uploaded_image_with_a_painted_mask(page, server, tmp_path):
+    """Issue 24: upload an image, drag a rectangle over its right half, paint: the edit goes to
+    /v1/images/edits as an inpainting of that half; without a mask it is image-to-image."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    source = tmp_path / "source.png"
+    Image.new("RGB", (32, 32), (30, 60, 200)).save(source)
+    page.goto(server + "/")
+    page.click("#tab-paint")
+    page.click("#edit-box summary")
+    page.set_input_files("#edit-image", str(source))
+    page.wait_for_selector("#edit-mask:visible")
+    page.fill("#paint-prompt", "a red circle")
+    page.fill("#paint-steps", "2")
+    page.fill("#paint-seed", "5")
+    page.fill("#edit-strength", "0.9")
+    page.select_option("#edit-tool", "rect")
+    box = page.locator("#edit-mask").bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + 1)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] - 1, box["y"] + box["height"] - 1, steps=4)
+    page.mouse.up()
+    page.click("#paint-go")
+
+    def newest_settings():
+        expect(page.locator("#gallery figure img")).to_have_count(count, timeout=30_000)
+        src = page.eval_on_selector("#gallery figure img", "img => img.src")
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:
+            return json.loads(image.text["viscpm"])
+
+    count = 1
+    edit = newest_settings()["metadata"]["edit"]
+    assert edit["mode"] == "inpaint" and edit["strength"] == 0.9 and 0.4 <= edit["masked_share"] <= 0.6
+    page.click("#edit-clear-mask")
+    page.click("#paint-go")
+    count = 2
+    assert newest_settings()["metadata"]["edit"] == {"mode": "img2img", "strength": 0.9}
+    page.click("#edit-remove")
+    page.click("#paint-go")
+    count = 3
+    assert "edit" not in newest_settings()["metadata"]

@@ -45,7 +45,8 @@ from .worker import Job, QueueFull, Worker
 logger = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks its client and its deadline
-STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "edit.js": "text/javascript",
+                "style.css": "text/css"}
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'",
     "X-Content-Type-Options": "nosniff",

@@ -161,14 +161,15 @@ def decode_image_bytes(data: bytes, settings: ServeSettings) -> DecodedImage:
 
 
 def decode_mask_bytes(data: bytes, settings: ServeSettings) -> "Image.Image":
-    """An inpainting mask -> a greyscale image where white marks what to repaint. A mask with an alpha
-    channel follows OpenAI's convention (fully transparent = edit); one without, diffusers' (white = edit)."""
+    """An inpainting mask -> a greyscale image where white marks what to repaint. A mask with transparent
+    pixels follows OpenAI's convention (fully transparent = edit); an opaque one, diffusers' (white = edit)."""
     opened = _open_checked(data, settings)
     try:
         opened.load()
         if opened.mode in ("RGBA", "LA", "PA") or "transparency" in opened.info:
             alpha = opened.convert("RGBA").getchannel("A")
-            return alpha.point(lambda a: 255 if a == 0 else 0)
+            if alpha.getextrema()[0] < 255:
+                return alpha.point(lambda a: 255 if a == 0 else 0)
         return opened.convert("L")
     except (OSError, ValueError, SyntaxError):
         raise bad_request("the mask is not a readable image (corrupt or truncated); send a PNG",

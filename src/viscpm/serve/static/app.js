@@ -240,8 +240,11 @@ $("paint-form").addEventListener("submit", async (event) => {
   $("paint-go").disabled = true;
   setStatus("painting… 绘制中…");
   try {
-    const response = await fetch("/v1/images/generations", {
-      method: "POST", headers: headers(), body: JSON.stringify(request) });
+    // an image to edit goes as OpenAI's multipart form (edit.js); the browser sets its Content-Type
+    const { "Content-Type": _, ...auth } = headers();
+    const response = window.paintEdit.active()
+      ? await fetch("/v1/images/edits", { method: "POST", headers: auth, body: await window.paintEdit.form(request) })
+      : await fetch("/v1/images/generations", { method: "POST", headers: headers(), body: JSON.stringify(request) });
     if (!response.ok) throw new Error(await errorText(response));
     const body = await response.json();
     $("gallery").prepend(...body.data.map((item) => figureFor(item, prompt)));  // newest call first
