@@ -30,7 +30,8 @@ def test_the_unconstrained_tiny_model_mixes_scripts(chat, image):  # noqa: F811
 
 
 @pytest.mark.parametrize("language", ["zh", "en"])
-@pytest.mark.parametrize("options", [dict(num_beams=3, max_new_tokens=24), dict(num_beams=1, max_new_tokens=24),
+@pytest.mark.parametrize("options", [pytest.param(dict(num_beams=3, max_new_tokens=24), marks=pytest.mark.slow),
+                                     dict(num_beams=1, max_new_tokens=24),
                                      dict(do_sample=True, seed=3, temperature=1.3, max_new_tokens=24)])
 def test_forced_language_holds_in_every_decoding_mode(chat, image, language, options):  # noqa: F811
     for question in (EN_QUESTION, ZH_QUESTION):
