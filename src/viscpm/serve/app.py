@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import time
+import urllib.parse
 import uuid
 from importlib import resources
 from typing import Any
@@ -89,6 +90,14 @@ def passthrough_options(method, extras: dict[str, Any] | None, reserved: set[str
 # -- request -> pipeline options ------------------------------------------------------------------
 
 
+def stop_strings(body: ChatCompletionRequest) -> tuple[str, ...]:
+    """The request's stop strings, at most MAX_STOP_STRINGS (their length counts toward the text limit)."""
+    stops = () if not body.stop else (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "invalid_stop", "stop")
+    return stops
+
+
 def chat_options(body: ChatCompletionRequest, settings: ServeSettings) -> dict[str, Any]:
     """Decoding options for VisCPMChat from an OpenAI request.
 
@@ -105,11 +114,9 @@ def chat_options(body: ChatCompletionRequest, settings: ServeSettings) -> dict[s
         raise bad_request(f"max_tokens is {max_new}; this server allows at most {settings.max_new_tokens}",
                           "max_tokens_too_large", "max_tokens")
     options: dict[str, Any] = {"max_new_tokens": max_new}
-    if body.stop:
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop)
-        if len(stops) > MAX_STOP_STRINGS:
-            raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "invalid_stop", "stop")
-        options["stop"] = tuple(stops)
+    stops = stop_strings(body)
+    if stops:
+        options["stop"] = stops
     if body.repetition_penalty is not None:
         options["repetition_penalty"] = body.repetition_penalty
     if body.length_penalty is not None:
@@ -243,11 +250,16 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        headers = {k: v.decode("latin-1") for k, v in raw.items()}
+        refused_host = self.refused_host(headers.get("host", ""))
+        if refused_host:
+            return await refused_host.response()(scope, receive, send)
         key = self.settings.api_key
         if key and scope["path"].startswith("/v1"):
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            # compared as bytes: a key with non-ASCII characters arrives as its UTF-8 bytes
+            scheme, _, token = raw.get("authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode("utf-8")):
                 error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                                  "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await error.response()(scope, receive, send)
@@ -284,6 +296,22 @@ class RequestGuard:
             return await receive()  # after the body: the client's disconnect, when it comes
 
         return await self.app(scope, replay, send)
+
+    def refused_host(self, host_header: str) -> ApiError | None:
+        """A 400 unless the Host header names a host this server answers to: a web page whose domain
+        was re-pointed at 127.0.0.1 (DNS rebinding) sends its own name, and is refused here."""
+        allowed = self.settings.allowed_hosts
+        if allowed is None:
+            return None
+        try:
+            host = urllib.parse.urlsplit("//" + host_header).hostname or ""
+        except ValueError:  # e.g. an unclosed '[' of an IPv6 address
+            host = ""
+        if host in allowed:
+            return None
+        shown = host_header if len(host_header) <= 100 else host_header[:97] + "..."
+        return bad_request(f"the Host header {shown!r} is not a name this server answers to ({', '.join(allowed)}); "
+                           "its operator can add one with --allowed-hosts", "invalid_host")
 
 
 # -- the app --------------------------------------------------------------------------------------
@@ -416,9 +444,10 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
             raise bad_request(f"{len(body.messages)} messages; this server takes at most {settings.max_messages}",
                               "too_many_messages", "messages")
         turn = to_turn(body.messages)
-        if turn.text_chars > settings.max_text_chars:
-            raise bad_request(f"the conversation has {turn.text_chars:,} characters; this server takes at most "
-                              f"{settings.max_text_chars:,}", "prompt_too_long", "messages")
+        chars = turn.text_chars + sum(map(len, stop_strings(body)))
+        if chars > settings.max_text_chars:
+            raise bad_request(f"the conversation and stop strings have {chars:,} characters; this server takes at "
+                              f"most {settings.max_text_chars:,}", "prompt_too_long", "messages")
         options = chat_options(body, settings)
         try:  # check the options now, so a bad one is a 400 before any work is queued
             generation_config(**options)

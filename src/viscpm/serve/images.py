@@ -83,10 +83,12 @@ def _base64(text: str, settings: ServeSettings) -> bytes:
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        try:  # the URL-safe alphabet, which some clients use
-            data = base64.urlsafe_b64decode(text.encode("ascii"))
-        except (binascii.Error, ValueError, UnicodeEncodeError):
-            raise bad_request("the image is not valid base64", "invalid_image") from None
+        try:  # the URL-safe alphabet, which some clients use; validated too, so that garbage is not
+            # silently dropped (it decoded to 0 bytes and was reported as an empty image)
+            data = base64.b64decode(text, altchars=b"-_", validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_request("the image is not valid base64; send the image's bytes base64-encoded "
+                              "(data:image/png;base64,...)", "invalid_image") from None
     if not data:
         raise bad_request("the image is empty (0 bytes)", "invalid_image")
     return data
