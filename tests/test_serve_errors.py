@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from .serve_fixtures import (  # noqa: F401  (fixtures)
-    data_url, png_bytes, serve_models_dir, serving, tiny_chat, tiny_paint,
+    data_url, image_bytes, png_bytes, serve_models_dir, serving, tiny_chat, tiny_paint,
 )
 
 KEY = "test-key"
@@ -21,6 +21,8 @@ LIMITS = dict(api_key=KEY, max_image_bytes=50_000, max_image_pixels=1_000_000, m
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 SMALL_PNG = png_bytes(Image.new("RGB", (64, 48), (200, 30, 30)))
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n%%EOF\n"
+BMP = image_bytes(Image.new("RGB", (8, 8)), "BMP")
 NOISE_PNG = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)))
 
 
@@ -102,6 +104,9 @@ CASES = [
     ("corrupt-image", CHAT, chat(image(data_url(b"\x89PNG\r\n\x1a\n" + bytes(range(200))))), AUTH, 400,
      "invalid_image"),
     ("truncated-image", CHAT, chat(image(data_url(NOISE_PNG[: len(NOISE_PNG) // 8]))), AUTH, 400, "invalid_image"),
+    ("postscript-labelled-png", CHAT, chat(image(data_url(EPS))), AUTH, 400, "invalid_image"),
+    ("bmp-image", CHAT, chat(image(data_url(BMP, "image/bmp"))), AUTH, 400, "invalid_image"),
+    ("garbage-base64", CHAT, chat(image("data:image/png;base64,@@@@")), AUTH, 400, "invalid_image"),
     ("not-an-image", CHAT, chat(image(data_url(b"hello, world"))), AUTH, 400, "invalid_image"),
     ("not-base64", CHAT, chat(image("data:image/png;base64,!!!not base64!!!")), AUTH, 400, "invalid_image"),
     ("empty-image-url", CHAT, chat(image("")), AUTH, 400, "invalid_image_url"),

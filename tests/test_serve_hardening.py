@@ -84,6 +84,21 @@ def test_garbage_base64_is_called_invalid_not_empty():
         decode_image("data:image/png;base64," + url_safe, ServeSettings())
 
 
+def test_postscript_sent_as_png_never_reaches_the_eps_reader(server, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    parsed = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: parsed.append(1))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n%%EOF\n"
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(eps).decode()}}]}],
+        "max_tokens": 2}
+    response = httpx.post(server + CHAT, json=body, timeout=30)
+    assert response.status_code == 400 and "PNG, JPEG, WebP or GIF" in response.json()["error"]["message"]
+    assert parsed == []
+
+
 # -- logging ---------------------------------------------------------------------------------------
 
 

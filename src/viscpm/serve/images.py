@@ -17,13 +17,12 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 from dataclasses import dataclass, fields
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..image_processing import ImageError, load_image
+from ..image_processing import ALLOWED_FORMATS_TEXT, ImageError, load_image, open_image
 from .errors import ApiError, bad_request
 from .settings import ServeSettings
 
@@ -125,16 +124,14 @@ def decode_image(url: str, settings: ServeSettings) -> DecodedImage:
 
     Blocking (base64, maybe a download, PIL decoding): call it off the event loop."""
     data = image_bytes(url, settings)
-    try:
-        with warnings.catch_warnings():  # our own pixel limit below is the one that counts
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise too_large(f"the image is larger than {settings.max_image_pixels:,} pixels (a decompression bomb?); "
-                        "send a smaller image") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise bad_request("the image data is not a readable image (corrupt, truncated or an unknown format); "
-                          "send a PNG, JPEG, WebP or GIF", "invalid_image") from None
+    try:  # PNG, JPEG, WebP and GIF only, whatever the data URL's MIME type says
+        opened = open_image(io.BytesIO(data), "the image")
+    except ImageError as error:
+        if isinstance(error.__cause__, Image.DecompressionBombError):
+            raise too_large(f"the image is larger than {settings.max_image_pixels:,} pixels (a decompression "
+                            "bomb?); send a smaller image") from None
+        raise bad_request("the image data is not a readable image (corrupt, truncated or not a "
+                          f"{ALLOWED_FORMATS_TEXT}); send a PNG, JPEG, WebP or GIF", "invalid_image") from None
     width, height = opened.size
     if width * height > settings.max_image_pixels:
         raise too_large(f"the image is {width}x{height} = {width * height:,} pixels, above this server's limit "
