@@ -134,6 +134,7 @@ CASES = [
     ("n-zero", PAINT, {"prompt": "cat", "n": 0}, AUTH, 400, "invalid_request"),
     ("size-a-word", PAINT, {"prompt": "cat", "size": "big"}, AUTH, 400, "invalid_size"),
     ("size-too-large", PAINT, {"prompt": "cat", "size": "4096x4096"}, AUTH, 400, "invalid_size"),
+    ("size-above-the-models-limit", PAINT, {"prompt": "cat", "size": "128x128"}, AUTH, 400, "invalid_size"),
     ("size-not-a-multiple", PAINT, {"prompt": "cat", "size": "33x33", "num_inference_steps": 1}, AUTH, 400,
      "invalid_request"),
     ("steps-too-many", PAINT, {"prompt": "cat", "num_inference_steps": 1000}, AUTH, 400, "too_many_steps"),

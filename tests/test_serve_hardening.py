@@ -2,16 +2,23 @@
 paint work bounds, image formats, remote images, value ranges, Host and API-key checks, logging."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
+import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
+from viscpm.generation import GenerationCancelled
 from viscpm.serve import ServeSettings
 from viscpm.serve.errors import ApiError
 from viscpm.serve.images import decode_image
+from viscpm.serve.paint_budget import PaintBudget
+from viscpm.serve.runners import PaintWork, run_paint
 from viscpm.serve.settings import allowed_hosts_for
+from viscpm.serve.worker import Job
 
 from .serve_fixtures import (  # noqa: F401  (fixtures)
     running, server, serve_models_dir, serving, tiny_chat, tiny_paint,
@@ -70,6 +77,67 @@ def test_dns_rebinding_is_refused_and_local_names_answer(server):
 def test_any_host_when_told(tiny_chat):
     with serving(chat=tiny_chat, allowed_hosts=None) as url:
         assert httpx.get(url + "/health", headers={"Host": "box.lan"}).status_code == 200
+
+
+# -- paint work -----------------------------------------------------------------------------------
+
+
+def test_paint_sizes_are_bounded_by_the_model(tiny_paint):
+    budget = PaintBudget.measure(tiny_paint)
+    assert budget.native == (32, 32) and budget.max_side == 64  # its UNet's 16 latents x the VAE's 2
+    with serving(paint=tiny_paint) as url:
+        refused = httpx.post(url + PAINT, json={"prompt": "cat", "size": "128x128"}, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_size"
+        assert "64 pixels a side" in refused.json()["error"]["message"]
+        assert httpx.get(url + "/health").json()["served"]["paint"]["requests"] == 0
+
+
+def test_paint_that_cannot_finish_in_time_is_refused_at_once(tiny_paint):
+    # 4 images x 2 (guidance) x 100 steps at twice the model's side: 3,200 latent-calls at its size
+    # where one costs milliseconds; the server stops requests after half a second
+    with serving(paint=tiny_paint, request_timeout=0.5) as url:
+        big = {"prompt": "cat", "n": 4, "size": "64x64", "num_inference_steps": 100, "guidance_scale": 7.5}
+        refused = httpx.post(url + PAINT, json=big, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "exceeds_time_limit"
+        assert "0.5 s" in refused.json()["error"]["message"]
+        assert httpx.get(url + "/health").json()["served"]["paint"]["requests"] == 0  # never queued
+
+
+def paint_job(payload, timeout: float = 60.0) -> Job:
+    return Job(lambda jobs: None, payload, time.monotonic() + timeout, asyncio.new_event_loop())
+
+
+def test_cancellation_is_seen_inside_a_unet_call(tiny_paint):
+    job = paint_job(PaintWork("cat", None, {"num_inference_steps": 1, "guidance_scale": 7.5, "seed": 0}))
+    steps = []
+    first_block = tiny_paint.model.unet.down_blocks[0]
+    handle = first_block.register_forward_hook(lambda *args: job.cancel())  # the client leaves mid-call
+    real_paint = tiny_paint.paint
+    try:
+        with pytest.raises(GenerationCancelled, match="inside a model call"):
+            run_paint(SimpleNamespace(model=tiny_paint.model, vae=tiny_paint.vae,
+                                      paint=lambda *a, callback, **k: real_paint(
+                                          *a, callback=lambda step: (steps.append(step), callback(step)), **k)),
+                      [job])
+    finally:
+        handle.remove()
+    assert steps == []  # stopped before the one and only step finished
+    assert not first_block._forward_pre_hooks  # the checks are removed afterwards
+
+
+def test_a_request_left_too_little_time_by_the_queue_is_not_started(tiny_paint):
+    job = paint_job(PaintWork("cat", None, {"num_inference_steps": 1}, seconds=30.0), timeout=5.0)
+    with pytest.raises(ApiError, match="not started") as caught:
+        run_paint(SimpleNamespace(paint=lambda *a, **k: pytest.fail("painted")), [job])
+    assert caught.value.status == 504
+
+
+def test_the_budget_learns_the_time_of_real_steps(tiny_paint):
+    budget = PaintBudget.measure(tiny_paint)
+    job = paint_job(PaintWork("cat", None, {"num_inference_steps": 3, "height": 48, "width": 48,
+                                            "guidance_scale": 7.5}))
+    run_paint(tiny_paint, [job], budget)
+    assert set(budget.observed) == {(24, 24)} and budget.observed[(24, 24)] > 0
 
 
 # -- images ----------------------------------------------------------------------------------------

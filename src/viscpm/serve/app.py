@@ -36,6 +36,7 @@ from ..pipelines.chat import ContextTooLong, generation_config
 from .conversation import to_turn
 from .errors import ApiError, bad_request
 from .images import decode_image
+from .paint_budget import PaintBudget, check_request as check_paint_request
 from .runners import ChatRunner, ChatWork, PaintWork, run_paint
 from .schemas import ChatCompletionRequest, ImageGenerationRequest
 from .settings import MAX_STOP_STRINGS, ServeSettings
@@ -330,8 +331,13 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
     chat_runner = ChatRunner(chat, settings.vision_cache_size) if chat is not None else None
     if chat is not None:
         workers["chat"] = Worker("chat", settings.max_queue, settings.batch_window_ms / 1000, settings.max_batch_size)
+    paint_budget = None
     if paint is not None:
         workers["paint"] = Worker("paint", settings.max_queue)
+        if hasattr(paint, "model"):  # a VisCPMPaint: price its UNet calls now (milliseconds to seconds)
+            paint_budget = PaintBudget.measure(paint)
+            logger.info("paint: at most %d pixels a side; one UNet call on one latent at %dx%d takes %.3f s",
+                        paint_budget.max_side, *paint_budget.native[::-1], paint_budget.seconds_per_sample)
     static = {name: _static(name) for name in STATIC_FILES}
 
     @contextlib.asynccontextmanager
@@ -529,8 +535,11 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
             raise bad_request(f"the prompt has {chars:,} characters; this server takes at most "
                               f"{settings.max_text_chars:,}", "prompt_too_long", "prompt")
         options = paint_options(body, settings)
-        options.update(passthrough_options(paint.paint, body.model_extra, PAINT_RESERVED, settings.allow_safety_off))
-        job = Job(lambda jobs: run_paint(paint, jobs), PaintWork(body.prompt, body.negative_prompt, options),
+        extras = passthrough_options(paint.paint, body.model_extra, PAINT_RESERVED, settings.allow_safety_off)
+        seconds = None if paint_budget is None else \
+            check_paint_request(paint_budget, paint, options, extras, settings.request_timeout)
+        job = Job(lambda jobs: run_paint(paint, jobs, paint_budget),
+                  PaintWork(body.prompt, body.negative_prompt, {**options, **extras}, seconds),
                   start + settings.request_timeout, asyncio.get_running_loop())
         submit("paint", job)
         try:

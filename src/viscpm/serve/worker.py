@@ -31,11 +31,11 @@ class QueueFull(Exception):
     pass
 
 
-def is_client_error(error: BaseException) -> bool:
-    """Errors that answer a request with a 4xx: cancellation, the pipelines' input errors (ValueError,
-    which safety refusals are too) and the server's own 4xx."""
+def is_request_error(error: BaseException) -> bool:
+    """Errors that are a request's own outcome, not a fault of the server: cancellation and time-outs,
+    the pipelines' input errors (ValueError, which safety refusals are too) and the server's 4xx."""
     if isinstance(error, ApiError):
-        return error.status < 500
+        return error.status < 500 or error.code == "timeout"
     return isinstance(error, (GenerationCancelled, ValueError))
 
 
@@ -138,7 +138,7 @@ class Worker:
                     self.largest_batch = max(self.largest_batch, len(live))
                     live[0].execute(live)
             except Exception as error:  # reported to the requests; the worker goes on
-                if is_client_error(error):  # the request's fault, answered with a 4xx: no traceback
+                if is_request_error(error):  # answered with its own status: no traceback
                     logger.info("%s worker: %s: %s", self.name, type(error).__name__, error)
                 else:
                     logger.exception("%s worker: a batch of %d failed", self.name, len(live))
