@@ -16,7 +16,7 @@ MAX_STOP_STRINGS = 4  # as in OpenAI's API
 # -- images sent to chat ---------------------------------------------------------------------
 MAX_IMAGE_BYTES = 10 * 1024 * 1024  # one image, after base64 decoding -> 413
 MAX_IMAGE_PIXELS = 4096 * 4096  # width x height read from the header, before decoding -> 413
-REMOTE_IMAGE_TIMEOUT_S = 10.0  # fetching an http(s) image, when remote images are enabled
+REMOTE_IMAGE_TIMEOUT_S = 10.0  # fetching an http(s) image (all of it), when remote images are enabled
 # -- generation ------------------------------------------------------------------------------
 DEFAULT_MAX_NEW_TOKENS = 256  # when a chat request names no max_tokens
 MAX_NEW_TOKENS = 1024  # the largest max_tokens a chat request may ask for -> 400
@@ -56,7 +56,10 @@ class ServeSettings:
     max_image_pixels: int = MAX_IMAGE_PIXELS
     allow_remote_images: bool = False  # http(s) image URLs; file:// and other schemes never
     allow_safety_off: bool = False  # may a request turn a safety checker off ("..._safety_checker": false)?
-    remote_image_timeout: float = REMOTE_IMAGE_TIMEOUT_S
+    remote_image_timeout: float = REMOTE_IMAGE_TIMEOUT_S  # the whole fetch, redirects included
+    # networks remote images may come from besides public addresses (e.g. "10.0.0.0/8" for an
+    # intranet); loopback, private, link-local and other special addresses are refused otherwise
+    allowed_image_networks: tuple[str, ...] = ()
     default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_new_tokens: int = MAX_NEW_TOKENS
     max_beams: int = MAX_BEAMS
@@ -81,6 +84,8 @@ class ServeSettings:
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError(f"default_max_new_tokens ({self.default_max_new_tokens}) is above max_new_tokens "
                              f"({self.max_new_tokens})")
+        for network in self.allowed_image_networks:
+            ipaddress.ip_network(network)  # a ValueError names a malformed one
         if not self.request_timeout > 0:
             raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
 
