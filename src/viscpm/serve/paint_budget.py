@@ -9,9 +9,9 @@
   UNet work alone would outlast the server's time limit is refused at once instead of running into
   a 504; a request that waited in the queue until too little of its time is left is not started.
 
-The price is measured when the server starts (one UNet call at the model's own size, after a
-warm-up call), scaled linearly with the pixel count, and replaced by the time real requests take
-at each size. Linear scaling under-prices sizes above the model's own (attention grows with the
+The price is measured when the server starts (the fastest of two UNet calls at the model's own
+size, after a warm-up call), scaled linearly with the pixel count, and replaced by the fastest
+step real requests took at each size. Linear scaling under-prices sizes above the model's own (attention grows with the
 square) and the estimate leaves out text encoding, VAE decoding and ranking, so it is a lower
 bound: what it refuses cannot finish in time; what it lets through usually does, and a request
 that does not is still stopped at the limit.
@@ -39,19 +39,24 @@ def native_size(paint) -> tuple[int, int]:
     return side, side
 
 
-def _seconds_per_call(unet, latent_side: int, batch: int) -> float:
-    """Seconds of one UNet call on ``batch`` latents of ``latent_side``² (after a warm-up call)."""
+def _seconds_per_call(unet, latent_side: int, batch: int, repeats: int = 2) -> float:
+    """Seconds of one UNet call on ``batch`` latents of ``latent_side``²: the fastest of ``repeats``
+    calls after a warm-up call (the fastest, so that a busy moment at start-up does not price every
+    later request too high)."""
     config = unet.config
     parameter = next(unet.parameters())
     latents = torch.randn(batch, config.in_channels, latent_side, latent_side, dtype=parameter.dtype,
                           device=parameter.device)
     states = torch.randn(batch, CALIBRATION_TEXT_TOKENS, config.cross_attention_dim, dtype=parameter.dtype,
                          device=parameter.device)
+    fastest = float("inf")
     with torch.no_grad():
         unet(latents, 500, encoder_hidden_states=states)
-        start = time.perf_counter()
-        unet(latents, 500, encoder_hidden_states=states)
-        return time.perf_counter() - start
+        for _ in range(repeats):
+            start = time.perf_counter()
+            unet(latents, 500, encoder_hidden_states=states)
+            fastest = min(fastest, time.perf_counter() - start)
+    return fastest
 
 
 @dataclass
@@ -85,9 +90,10 @@ class PaintBudget:
         return per_sample * samples * steps
 
     def observe(self, latent_shape: tuple[int, ...], seconds: float) -> None:
-        """Record that one UNet call on latents of ``latent_shape`` (B, C, h, w) took ``seconds``."""
+        """Record that one UNet call on latents of ``latent_shape`` (B, C, h, w) took ``seconds``; the
+        fastest per size is kept, so the estimate stays a lower bound."""
         batch, _, h, w = latent_shape
-        self.observed[(h, w)] = seconds / batch
+        self.observed[(h, w)] = min(seconds / batch, self.observed.get((h, w), float("inf")))
 
 
 def check_request(budget: PaintBudget, paint, options: dict, extras: dict, timeout: float) -> float:
