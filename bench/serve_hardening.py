@@ -95,6 +95,15 @@ def server_figures() -> None:
         timed("paint 64x64, 20 steps (a normal request, after all that)", lambda: httpx.post(
             paint_url, json={"prompt": "a red circle", "num_inference_steps": 20}, timeout=600))
     trickle.shutdown()
+    budget = app.state.paint_budget
+    guidance = paint.defaults.guidance_scale
+    samples = 2 if guidance > 1 else 1
+    for side, steps in ((64, 20), (128, 5)):
+        estimate = budget.seconds(side, side, samples, steps)
+        start = time.perf_counter()
+        paint.paint("a red circle", num_inference_steps=steps, height=side, width=side, seed=0)
+        print(f"paint {side}x{side}, {steps} steps, guidance {guidance:g}: estimated UNet time {estimate:.2f} s "
+              f"(a lower bound), the whole call took {time.perf_counter() - start:.2f} s")
 
 
 if __name__ == "__main__":

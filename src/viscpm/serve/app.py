@@ -349,7 +349,7 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
     # no /docs: Swagger UI loads its scripts from a CDN, and the server must work offline
     app = FastAPI(title="viscpm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API over VisCPM-Chat and VisCPM-Paint.")
-    app.state.settings, app.state.workers = settings, workers
+    app.state.settings, app.state.workers, app.state.paint_budget = settings, workers, paint_budget
 
     @app.exception_handler(ApiError)
     async def _api_error(request, error: ApiError):

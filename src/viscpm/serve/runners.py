@@ -16,6 +16,7 @@ from typing import Any
 from ..generation import GenerationCancelled
 from .errors import ApiError
 from .images import DecodedImage, png_base64
+from .paint_budget import REFUSE_ABOVE
 from .worker import Job
 
 logger = logging.getLogger(__name__)
@@ -185,9 +186,9 @@ def run_paint(paint, jobs: list[Job], budget=None) -> None:
     (job,) = jobs
     work: PaintWork = job.payload
     left = job.deadline - time.monotonic()
-    if work.seconds is not None and work.seconds > left:
+    if work.seconds is not None and work.seconds > REFUSE_ABOVE * left:
         raise ApiError(504, f"this request waited until {max(left, 0):.0f} s of the server's time limit were left, "
-                       f"less than the {work.seconds:.0f} s or more its painting takes, so it was not started; retry "
+                       f"far less than the {work.seconds:.0f} s its painting takes, so it was not started; retry "
                        "when the server is less busy", "timeout")
     last_step = None
 
