@@ -15,7 +15,7 @@ from viscpm.generation import GenerationCancelled
 from viscpm.serve import ServeSettings
 from viscpm.serve.errors import ApiError
 from viscpm.serve.images import decode_image
-from viscpm.serve.paint_budget import PaintBudget
+from viscpm.serve.paint_budget import PaintBudget, check_request
 from viscpm.serve.runners import PaintWork, run_paint
 from viscpm.serve.settings import allowed_hosts_for
 from viscpm.serve.worker import Job
@@ -101,6 +101,22 @@ def test_paint_that_cannot_finish_in_time_is_refused_at_once(tiny_paint):
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "exceeds_time_limit"
         assert "0.5 s" in refused.json()["error"]["message"]
         assert httpx.get(url + "/health").json()["served"]["paint"]["requests"] == 0  # never queued
+
+
+def test_paint_work_counts_candidates_images_guidance_steps_and_pixels():
+    budget = PaintBudget((64, 64), 8, seconds_per_sample=0.01)  # 8 x 8 latents
+    ranked = SimpleNamespace(ranker=object(), defaults=SimpleNamespace(guidance_scale=4.0))
+    options = {"num_images_per_prompt": 2, "num_inference_steps": 10, "height": 128, "width": 128}
+    # 2 images x 4 candidates x 2 (guidance) = 16 latents, 4x the pixels, 10 steps: 0.01 x 16 x 4 x 10
+    assert check_request(budget, ranked, options, {}, timeout=100) == pytest.approx(6.4)
+    assert check_request(budget, ranked, options, {"add_ranker": False}, timeout=100) == pytest.approx(1.6)
+    assert check_request(budget, ranked, {**options, "guidance_scale": 1.0}, {}, timeout=100) == pytest.approx(3.2)
+    with pytest.raises(ApiError, match="16 latents of 128x128 .2 image.s. x 4 ranking candidates x 2 for guidance"):
+        check_request(budget, ranked, options, {}, timeout=4)  # 6.4 s > 1.5 x 4 s
+    budget.observe((16, 4, 16, 16), 1.6)  # real steps at 128 x 128 ran 0.1 s per latent
+    assert check_request(budget, ranked, options, {}, timeout=100) == pytest.approx(16.0)
+    with pytest.raises(ApiError, match="limit of 128 pixels a side"):
+        check_request(budget, ranked, {"height": 136, "width": 64}, {}, timeout=100)
 
 
 def paint_job(payload, timeout: float = 60.0) -> Job:
