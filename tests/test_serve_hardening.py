@@ -21,7 +21,7 @@ from viscpm.serve.settings import allowed_hosts_for
 from viscpm.serve.worker import Job
 
 from .serve_fixtures import (  # noqa: F401  (fixtures)
-    running, server, serve_models_dir, serving, tiny_chat, tiny_paint,
+    server, serve_models_dir, serving, tiny_chat, tiny_paint,
 )
 
 CHAT, PAINT = "/v1/chat/completions", "/v1/images/generations"
