@@ -183,6 +183,14 @@ def test_postscript_sent_as_png_never_reaches_the_eps_reader(server, monkeypatch
     assert parsed == []
 
 
+def test_a_lone_surrogate_in_a_prompt_is_refused_before_painting(tiny_paint):
+    with serving(paint=tiny_paint) as url:
+        response = httpx.post(url + PAINT, content=b'{"prompt": "cat \\ud800", "num_inference_steps": 1}',
+                              headers={"Content-Type": "application/json"}, timeout=30)
+        assert response.status_code == 400 and "lone surrogate" in response.json()["error"]["message"]
+        assert httpx.get(url + "/health").json()["served"]["paint"]["requests"] == 0  # it used to fail after
+
+
 # -- logging ---------------------------------------------------------------------------------------
 
 
