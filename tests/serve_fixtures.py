@@ -60,10 +60,14 @@ def data_url(path_or_bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
-def png_bytes(image: Image.Image) -> bytes:
+def image_bytes(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    return image_bytes(image, "PNG")
 
 
 @contextlib.contextmanager

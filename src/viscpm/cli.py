@@ -481,6 +481,13 @@ def _add_serve_parser(commands) -> None:
     network.add_argument("--allow-remote-images", action="store_true",
                          help="let chat requests name http(s) image URLs for the server to fetch (default: "
                               "inline data URLs only; file:// is never read)")
+    network.add_argument("--allow-image-network", metavar="CIDR", action="append", default=[],
+                         help="with --allow-remote-images: a network images may also come from, e.g. 10.0.0.0/8 "
+                              "(repeatable; by default public addresses only, never loopback or private ones)")
+    network.add_argument("--allowed-hosts", metavar="NAMES", default="",
+                         help="comma-separated host names the Host header may name besides localhost, 127.0.0.1, "
+                              "::1 and --host (against DNS rebinding); '*' answers any (the default when --host is "
+                              "0.0.0.0 or ::)")
     network.add_argument("--allow-safety-off", action="store_true",
                          help="let requests turn safety checkers off (e.g. \"prompt_safety_checker\": false); "
                               "refused with 403 by default")
@@ -502,12 +509,16 @@ def _add_serve_parser(commands) -> None:
 def build_serve_app(args: argparse.Namespace):
     """The app ``viscpm serve`` runs: settings from the flags, pipelines loaded now."""
     from .serve import ServeSettings, check_binding, create_app
+    from .serve.settings import allowed_hosts_for
 
     api_key = args.api_key or os.environ.get("VISCPM_API_KEY") or None
     check_binding(args.host, api_key)  # before minutes of loading
     if args.no_chat and args.no_paint:
         raise ValueError("--no-chat and --no-paint leave nothing to serve")
-    settings = ServeSettings(api_key=api_key, allow_remote_images=args.allow_remote_images,
+    extra_hosts = tuple(name.strip() for name in args.allowed_hosts.split(",") if name.strip())
+    settings = ServeSettings(api_key=api_key, allowed_hosts=allowed_hosts_for(args.host, extra_hosts),
+                             allow_remote_images=args.allow_remote_images,
+                             allowed_image_networks=tuple(args.allow_image_network),
                              allow_safety_off=args.allow_safety_off, max_queue=args.max_queue,
                              request_timeout=args.timeout, max_batch_size=args.max_batch,
                              max_new_tokens=args.max_tokens,

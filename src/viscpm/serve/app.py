@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import time
+import urllib.parse
 import uuid
 from importlib import resources
 from typing import Any
@@ -35,6 +36,7 @@ from ..pipelines.chat import ContextTooLong, generation_config
 from .conversation import to_turn
 from .errors import ApiError, bad_request
 from .images import decode_image
+from .paint_budget import PaintBudget, check_request as check_paint_request
 from .runners import ChatRunner, ChatWork, PaintWork, run_paint
 from .schemas import ChatCompletionRequest, ImageGenerationRequest
 from .settings import MAX_STOP_STRINGS, ServeSettings
@@ -89,6 +91,14 @@ def passthrough_options(method, extras: dict[str, Any] | None, reserved: set[str
 # -- request -> pipeline options ------------------------------------------------------------------
 
 
+def stop_strings(body: ChatCompletionRequest) -> tuple[str, ...]:
+    """The request's stop strings, at most MAX_STOP_STRINGS (their length counts toward the text limit)."""
+    stops = () if not body.stop else (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "invalid_stop", "stop")
+    return stops
+
+
 def chat_options(body: ChatCompletionRequest, settings: ServeSettings) -> dict[str, Any]:
     """Decoding options for VisCPMChat from an OpenAI request.
 
@@ -105,11 +115,9 @@ def chat_options(body: ChatCompletionRequest, settings: ServeSettings) -> dict[s
         raise bad_request(f"max_tokens is {max_new}; this server allows at most {settings.max_new_tokens}",
                           "max_tokens_too_large", "max_tokens")
     options: dict[str, Any] = {"max_new_tokens": max_new}
-    if body.stop:
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop)
-        if len(stops) > MAX_STOP_STRINGS:
-            raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "invalid_stop", "stop")
-        options["stop"] = tuple(stops)
+    stops = stop_strings(body)
+    if stops:
+        options["stop"] = stops
     if body.repetition_penalty is not None:
         options["repetition_penalty"] = body.repetition_penalty
     if body.length_penalty is not None:
@@ -243,11 +251,16 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        headers = {k: v.decode("latin-1") for k, v in raw.items()}
+        refused_host = self.refused_host(headers.get("host", ""))
+        if refused_host:
+            return await refused_host.response()(scope, receive, send)
         key = self.settings.api_key
         if key and scope["path"].startswith("/v1"):
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            # compared as bytes: a key with non-ASCII characters arrives as its UTF-8 bytes
+            scheme, _, token = raw.get("authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode("utf-8")):
                 error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                                  "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await error.response()(scope, receive, send)
@@ -285,6 +298,22 @@ class RequestGuard:
 
         return await self.app(scope, replay, send)
 
+    def refused_host(self, host_header: str) -> ApiError | None:
+        """A 400 unless the Host header names a host this server answers to: a web page whose domain
+        was re-pointed at 127.0.0.1 (DNS rebinding) sends its own name, and is refused here."""
+        allowed = self.settings.allowed_hosts
+        if allowed is None:
+            return None
+        try:
+            host = urllib.parse.urlsplit("//" + host_header).hostname or ""
+        except ValueError:  # e.g. an unclosed '[' of an IPv6 address
+            host = ""
+        if host in allowed:
+            return None
+        shown = host_header if len(host_header) <= 100 else host_header[:97] + "..."
+        return bad_request(f"the Host header {shown!r} is not a name this server answers to ({', '.join(allowed)}); "
+                           "its operator can add one with --allowed-hosts", "invalid_host")
+
 
 # -- the app --------------------------------------------------------------------------------------
 
@@ -302,8 +331,13 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
     chat_runner = ChatRunner(chat, settings.vision_cache_size) if chat is not None else None
     if chat is not None:
         workers["chat"] = Worker("chat", settings.max_queue, settings.batch_window_ms / 1000, settings.max_batch_size)
+    paint_budget = None
     if paint is not None:
         workers["paint"] = Worker("paint", settings.max_queue)
+        if hasattr(paint, "model"):  # a VisCPMPaint: price its UNet calls now (milliseconds to seconds)
+            paint_budget = PaintBudget.measure(paint)
+            logger.info("paint: at most %d pixels a side; one UNet call on one latent at %dx%d takes %.3f s",
+                        paint_budget.max_side, *paint_budget.native[::-1], paint_budget.seconds_per_sample)
     static = {name: _static(name) for name in STATIC_FILES}
 
     @contextlib.asynccontextmanager
@@ -315,7 +349,7 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
     # no /docs: Swagger UI loads its scripts from a CDN, and the server must work offline
     app = FastAPI(title="viscpm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API over VisCPM-Chat and VisCPM-Paint.")
-    app.state.settings, app.state.workers = settings, workers
+    app.state.settings, app.state.workers, app.state.paint_budget = settings, workers, paint_budget
 
     @app.exception_handler(ApiError)
     async def _api_error(request, error: ApiError):
@@ -416,9 +450,10 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
             raise bad_request(f"{len(body.messages)} messages; this server takes at most {settings.max_messages}",
                               "too_many_messages", "messages")
         turn = to_turn(body.messages)
-        if turn.text_chars > settings.max_text_chars:
-            raise bad_request(f"the conversation has {turn.text_chars:,} characters; this server takes at most "
-                              f"{settings.max_text_chars:,}", "prompt_too_long", "messages")
+        chars = turn.text_chars + sum(map(len, stop_strings(body)))
+        if chars > settings.max_text_chars:
+            raise bad_request(f"the conversation and stop strings have {chars:,} characters; this server takes at "
+                              f"most {settings.max_text_chars:,}", "prompt_too_long", "messages")
         options = chat_options(body, settings)
         try:  # check the options now, so a bad one is a 400 before any work is queued
             generation_config(**options)
@@ -500,8 +535,11 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
             raise bad_request(f"the prompt has {chars:,} characters; this server takes at most "
                               f"{settings.max_text_chars:,}", "prompt_too_long", "prompt")
         options = paint_options(body, settings)
-        options.update(passthrough_options(paint.paint, body.model_extra, PAINT_RESERVED, settings.allow_safety_off))
-        job = Job(lambda jobs: run_paint(paint, jobs), PaintWork(body.prompt, body.negative_prompt, options),
+        extras = passthrough_options(paint.paint, body.model_extra, PAINT_RESERVED, settings.allow_safety_off)
+        seconds = None if paint_budget is None else \
+            check_paint_request(paint_budget, paint, options, extras, settings.request_timeout)
+        job = Job(lambda jobs: run_paint(paint, jobs, paint_budget),
+                  PaintWork(body.prompt, body.negative_prompt, {**options, **extras}, seconds),
                   start + settings.request_timeout, asyncio.get_running_loop())
         submit("paint", job)
         try:
