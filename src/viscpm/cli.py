@@ -21,12 +21,15 @@ REFUSED_STATUS = 3  # exit status when a safety checker refused the prompt or im
 CHAT_HELP = """Chat about an image, in Chinese or English.
 
 With a question: print one answer. Without: an interactive conversation where answers stream as
-they are written. Commands there: `:image PATH` switch to another image (the conversation is
-kept; `:image` alone drops the image), `clear` start over, `stop` or Ctrl-D quit; Ctrl-C stops
-the answer being written.
+they are written. Commands there: `:image PATH` load or switch the image (the conversation is
+kept; `:image` alone drops the image), `clear` start over, `stop` or Ctrl-D quit. Ctrl-C stops
+the answer being written and keeps the conversation; Ctrl-C twice at the prompt quits. Without an
+image the model answers from the text alone (and may describe a scene it cannot see): the chat
+says so.
 
-对图片提问（中文或英文）。不带问题时进入多轮对话，回答逐字输出：`:image 路径` 换图（保留对话），
-`clear` 清空，`stop` 或 Ctrl-D 退出，Ctrl-C 中断当前回答。
+对图片提问（中文或英文）。不带问题时进入多轮对话，回答逐字输出：`:image 路径` 加载或换图（保留对话），
+`clear` 清空，`stop` 或 Ctrl-D 退出；Ctrl-C 中断当前回答并保留对话，在提示符处连按两次 Ctrl-C 退出。
+未加载图片时模型只根据文字回答（可能臆造画面），对话中会提示。
 
 examples / 示例:
   viscpm chat --image cat.png "What is in the image?"
@@ -36,6 +39,9 @@ examples / 示例:
 CONTEXT_BUDGET_HELP = ("most tokens one conversation may hold: prompt + image queries + the longest answer asked "
                        "for (default 4096); a longer one is refused before any memory is allocated")
 QUIT_COMMANDS = {"stop", "退出"}
+NO_IMAGE_NOTICE = ("no image loaded / 未加载图片: answers come from the text alone and may describe a scene the model "
+                   "cannot see / 回答仅依据文字，可能臆造画面")
+LOAD_IMAGE_HINT = f"({NO_IMAGE_NOTICE}; load one with / 加载图片: `:image PATH`)"
 CLEAR_COMMANDS = {"clear", "清空"}
 
 
@@ -142,19 +148,29 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
                       max_context_tokens=_or_default(args.max_context_tokens, DEFAULT_MAX_CONTEXT_TOKENS))
     options = _generation_options(args)
     if args.question is not None:
+        if args.image is None:  # on stderr, so a script reading the answer from stdout is unaffected
+            print(f"viscpm chat: {NO_IMAGE_NOTICE}; pass --image PATH to ask about an image", file=sys.stderr)
         answer, _, _ = chat.chat(args.image, args.question, **options)
         print(answer, file=stdout)
         return 0
 
     image, context, states = args.image, "", None
-    print("viscpm chat — `:image PATH` 换图 / switch image, `clear` 清空 / reset, `stop` 退出 / quit, "
+    print("viscpm chat — `:image PATH` 换图 / load an image, `clear` 清空 / reset, `stop` 退出 / quit, "
           "Ctrl-C 中断回答 / interrupt an answer", file=stdout)
+    print(f"(image / 图片: {image})" if image else LOAD_IMAGE_HINT, file=stdout)
+    interrupted_at_prompt = False
     while True:
         print("User: ", end="", file=stdout, flush=True)
         try:
             line = stdin.readline()
-        except KeyboardInterrupt:  # Ctrl-C at the prompt quits, like Ctrl-D
-            line = ""
+        except KeyboardInterrupt:  # the first Ctrl-C only clears the line: quitting must not lose the conversation
+            if interrupted_at_prompt:
+                print(file=stdout)
+                return 0
+            interrupted_at_prompt = True
+            print("\n(Ctrl-C again or Ctrl-D to quit / 再按 Ctrl-C 或 Ctrl-D 退出)", file=stdout)
+            continue
+        interrupted_at_prompt = False
         if not line or line.strip() in QUIT_COMMANDS:
             print(file=stdout)
             return 0
@@ -169,7 +185,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
             path = question[len(":image"):].strip() or None
             try:  # encode now, so a bad file is reported at once and the old image stays
                 image, states = path, chat.encode_image(path) if path else None
-                print(f"(image / 图片: {image or 'none / 无'})", file=stdout)
+                print(f"(image / 图片: {image})" if image else LOAD_IMAGE_HINT, file=stdout)
             except ValueError as error:
                 print(f"error: {error}", file=stdout)
             continue
@@ -185,7 +201,8 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
             context = append_turn(context, question, "".join(pieces))
         except KeyboardInterrupt:  # keep what was written, so the conversation reads as the user saw it
             print(" (interrupted / 已中断)", file=stdout)
-            context = append_turn(context, question, "".join(pieces))
+            if pieces:  # stopped before a word: the question is dropped, the conversation stays as it was
+                context = append_turn(context, question, "".join(pieces))
         except ContextTooLong as error:  # only a new conversation helps here
             print(f"\nerror: {error}\n(type `clear` to start a new conversation / 输入 clear 开始新对话)", file=stdout)
         except ValueError as error:  # bad image or prompt: say so and keep the conversation
