@@ -564,9 +564,21 @@ def run_serve(args: argparse.Namespace) -> int:
     app = build_serve_app(args)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"viscpm serve: page 网页 http://{host}:{args.port}/  ·  API 接口 http://{host}:{args.port}/v1", flush=True)
+    _log_requests()
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
-                timeout_graceful_shutdown=5)
+                access_log=False, timeout_graceful_shutdown=5)  # ours (serve.access_log) also times each request
     return 0
+
+
+def _log_requests() -> None:
+    """One timestamped line per request on stderr, with or without -v."""
+    from .serve.access_log import logger
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # not twice under -v
 
 
 def run_eval_rerank(args: argparse.Namespace) -> int:

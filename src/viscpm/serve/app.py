@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from .. import __version__
 from ..generation import GenerationCancelled
 from ..pipelines.chat import ContextTooLong, generation_config
+from .access_log import AccessLog
 from .conversation import to_turn
 from .errors import ApiError, bad_request
 from .images import decode_image
@@ -529,4 +530,5 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
         return Response(static[name], media_type=f"{STATIC_FILES[name]}; charset=utf-8", headers=PAGE_HEADERS)
 
     app.add_middleware(RequestGuard, settings=settings)
+    app.add_middleware(AccessLog)  # added last, so outermost: the guard's refusals are logged too
     return app
