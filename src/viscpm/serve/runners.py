@@ -32,6 +32,7 @@ class PaintWork:
     prompt: str
     negative_prompt: str | None
     options: dict[str, Any]
+    progress: bool = False  # report ("progress", (step, steps)) after every denoising step
 
 
 class ChatRunner:
@@ -161,6 +162,8 @@ def run_paint(paint, jobs: list[Job]) -> None:
     def callback(step) -> None:  # called after every denoising step
         if job.should_stop():
             raise GenerationCancelled(f"painting stopped at step {step.index}: the request was cancelled")
+        if work.progress:
+            job.put("progress", (step.index + 1, step.num_steps))
 
     results = paint.paint(work.prompt, work.negative_prompt, callback=callback, **work.options)
     job.put("done", [(png_base64(result), result) for result in results])
