@@ -404,7 +404,7 @@ def _add_eval_parser(commands) -> None:
                         help="chat beam size (default 1, greedy as when streaming; 3 is one-shot viscpm chat's)")
     shapes.add_argument("--guidance", type=float, default=4.0,
                         help="paint guidance scale (default 4, as in README's tables, whatever the model's default)")
-    shapes.add_argument("--out", help="write the metrics as JSON here")
+    _add_report_options(shapes)
     _add_quant_option(shapes)
     shapes.set_defaults(run=run_eval_shapes)
     rerank = kinds.add_parser(
@@ -417,12 +417,29 @@ def _add_eval_parser(commands) -> None:
     rerank.add_argument("--candidates", type=int, default=4, help="candidates per prompt (default 4)")
     rerank.add_argument("--data", help="a ShapesWorld folder from `viscpm data shapes` (default: build one, seed 0)")
     rerank.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    rerank.add_argument("--out", help="write the metrics as JSON here")
+    _add_report_options(rerank)
     rerank.set_defaults(run=run_eval_rerank)
 
 
-def run_eval_shapes(args: argparse.Namespace) -> int:
+def _add_report_options(parser) -> None:
+    parser.add_argument("--out", metavar="FILE", help="also write all metrics (examples included) as JSON here")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+
+
+def _report_metrics(metrics: dict, args: argparse.Namespace) -> None:
+    """The summary table (or, with --json, the JSON) on stdout; the JSON file with --out."""
     import json
+    from pathlib import Path
+
+    from .metrics_table import format_metrics
+
+    text = json.dumps(metrics, indent=2, ensure_ascii=False)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(text if args.json else format_metrics(metrics))
+
+
+def run_eval_shapes(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
@@ -445,10 +462,7 @@ def run_eval_shapes(args: argparse.Namespace) -> int:
             painter = VisCPMPaint(args.paint, image_safety_checker=False, prompt_safety_checker=False,
                                   add_ranker=False, progress_bar=False, quant=args.quant)
             metrics.update(evaluate_paint(painter, eval_dir, args.limit, guidance_scale=args.guidance))
-    text = json.dumps(metrics, indent=2, ensure_ascii=False)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    print(text)
+    _report_metrics(metrics, args)
     return 0
 
 
@@ -582,7 +596,6 @@ def _log_requests() -> None:
 
 
 def run_eval_rerank(args: argparse.Namespace) -> int:
-    import json
     import tempfile
     from pathlib import Path
 
@@ -600,10 +613,7 @@ def run_eval_rerank(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.data) if args.data else build_corpora(Path(scratch) / "shapes", seed=0).root
         metrics = evaluate_reranking(painter, rankers, root / "eval", args.limit, args.candidates)
-    text = json.dumps(metrics, indent=2, ensure_ascii=False)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    print(text)
+    _report_metrics(metrics, args)
     return 0
 
 
