@@ -45,14 +45,14 @@ def chat_args(reference, checkpoint_dir, *extra):  # noqa: F811
 
 
 @pytest.fixture()
-def contexts_asked(monkeypatch):
-    """The context each streamed answer was given, in order."""
+def asked(monkeypatch):
+    """The (image, context) each streamed answer was given, in order."""
     from viscpm.pipelines.chat import VisCPMChat
 
     real, seen = VisCPMChat.stream_chat, []
 
     def recording(self, image, question, context="", *args, **kwargs):
-        seen.append(context)
+        seen.append((image, context))
         return real(self, image, question, context, *args, **kwargs)
 
     monkeypatch.setattr(VisCPMChat, "stream_chat", recording)
@@ -68,13 +68,12 @@ def test_chinese_commands_and_ctrl_c_at_the_prompt(reference, checkpoint_dir):  
     assert "AI: " not in out.getvalue()
 
 
-def test_one_ctrl_c_at_the_prompt_keeps_the_conversation_two_quit(reference, checkpoint_dir,  # noqa: F811
-                                                                   contexts_asked):
+def test_one_ctrl_c_at_the_prompt_keeps_the_conversation_two_quit(reference, checkpoint_dir, asked):  # noqa: F811
     out = io.StringIO()
     keys = Script("one", CTRL_C, "two", CTRL_C, CTRL_C, "never asked")
     assert run_chat(chat_args(reference, checkpoint_dir), stdin=keys, stdout=out) == 0
     assert out.getvalue().count("AI: ") == 2 and keys.keys == ["never asked"]
-    assert contexts_asked[0] == "" and contexts_asked[1].startswith("User: one\nAI: ")  # the first turn was kept
+    assert asked[0][1] == "" and asked[1][1].startswith("User: one\nAI: ")  # the first turn was kept
     assert out.getvalue().count("Ctrl-C again or Ctrl-D to quit") == 2
 
 
@@ -103,6 +102,27 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(reference, checkpoint_dir, 
     assert run_chat(chat_args(reference, checkpoint_dir), stdin=Script("one", CTRL_C, "two"), stdout=out) == 0
     assert "(interrupted / 已中断)" in out.getvalue() and out.getvalue().count("AI: ") == 2
     assert calls[1].startswith("User: one\nAI: ")  # what was written of the stopped answer stays in the conversation
+
+
+def test_ctrl_c_while_an_image_loads_keeps_the_chat_and_the_old_image(reference, checkpoint_dir,  # noqa: F811
+                                                                     monkeypatch, asked):
+    from viscpm.pipelines.chat import VisCPMChat
+
+    real, calls = VisCPMChat.encode_image, []
+
+    def interrupted_once(self, image, **kwargs):
+        calls.append(image)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, image, **kwargs)
+
+    monkeypatch.setattr(VisCPMChat, "encode_image", interrupted_once)
+    figures = reference / "data" / "figures"
+    out = io.StringIO()
+    keys = Script(f":image {figures / 'vlu_case1.png'}", f":image {figures / 'vlu_case2.jpeg'}", "hi")
+    assert run_chat(chat_args(reference, checkpoint_dir), stdin=keys, stdout=out) == 0
+    assert "(interrupted / 已中断)" in out.getvalue() and out.getvalue().count("AI: ") == 1
+    assert asked == [(str(figures / "vlu_case1.png"), "")]  # the first image is still the one loaded
 
 
 def test_without_an_image_the_chat_says_so_and_how_to_load_one(reference, checkpoint_dir, capsys):  # noqa: F811

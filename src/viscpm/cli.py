@@ -160,37 +160,29 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     print(f"(image / 图片: {image})" if image else LOAD_IMAGE_HINT, file=stdout)
     interrupted_at_prompt = False
     while True:
-        print("User: ", end="", file=stdout, flush=True)
-        try:
+        question, pieces = None, []
+        try:  # Ctrl-C anywhere in a turn lands below, so it never ends the conversation by surprise
+            print("User: ", end="", file=stdout, flush=True)
             line = stdin.readline()
-        except KeyboardInterrupt:  # the first Ctrl-C only clears the line: quitting must not lose the conversation
-            if interrupted_at_prompt:
+            if not line or line.strip() in QUIT_COMMANDS:
                 print(file=stdout)
                 return 0
-            interrupted_at_prompt = True
-            print("\n(Ctrl-C again or Ctrl-D to quit / 再按 Ctrl-C 或 Ctrl-D 退出)", file=stdout)
-            continue
-        interrupted_at_prompt = False
-        if not line or line.strip() in QUIT_COMMANDS:
-            print(file=stdout)
-            return 0
-        question = line.strip()
-        if not question:
-            continue
-        if question in CLEAR_COMMANDS:
-            context, states = "", None
-            print("(conversation cleared / 已清空)", file=stdout)
-            continue
-        if question.startswith(":image"):
-            path = question[len(":image"):].strip() or None
-            try:  # encode now, so a bad file is reported at once and the old image stays
-                image, states = path, chat.encode_image(path) if path else None
-                print(f"(image / 图片: {image})" if image else LOAD_IMAGE_HINT, file=stdout)
-            except ValueError as error:
-                print(f"error: {error}", file=stdout)
-            continue
-        pieces: list[str] = []
-        try:
+            interrupted_at_prompt = False
+            question = line.strip()
+            if not question:
+                continue
+            if question in CLEAR_COMMANDS:
+                context, states = "", None
+                print("(conversation cleared / 已清空)", file=stdout)
+                continue
+            if question.startswith(":image"):
+                path = question[len(":image"):].strip() or None
+                try:  # encode now, so a bad file is reported at once and the old image stays
+                    image, states = path, chat.encode_image(path) if path else None
+                    print(f"(image / 图片: {image})" if image else LOAD_IMAGE_HINT, file=stdout)
+                except ValueError as error:
+                    print(f"error: {error}", file=stdout)
+                continue
             if states is None and image is not None:
                 states = chat.encode_image(image)
             print("AI: ", end="", file=stdout, flush=True)
@@ -199,9 +191,18 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
                 print(piece, end="", file=stdout, flush=True)
             print(file=stdout)
             context = append_turn(context, question, "".join(pieces))
-        except KeyboardInterrupt:  # keep what was written, so the conversation reads as the user saw it
+        except KeyboardInterrupt:
+            if question is None:  # at the prompt: the first Ctrl-C only clears the line
+                if interrupted_at_prompt:
+                    print(file=stdout)
+                    return 0
+                interrupted_at_prompt = True
+                print("\n(Ctrl-C again or Ctrl-D to quit / 再按 Ctrl-C 或 Ctrl-D 退出)", file=stdout)
+                continue
+            # an answer (or an image being loaded) stopped: keep what was written, so the conversation reads as
+            # the user saw it; stopped before a word, the question is dropped and the conversation stays as it was
             print(" (interrupted / 已中断)", file=stdout)
-            if pieces:  # stopped before a word: the question is dropped, the conversation stays as it was
+            if pieces:
                 context = append_turn(context, question, "".join(pieces))
         except ContextTooLong as error:  # only a new conversation helps here
             print(f"\nerror: {error}\n(type `clear` to start a new conversation / 输入 clear 开始新对话)", file=stdout)
