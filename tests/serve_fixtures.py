@@ -117,3 +117,14 @@ def wait_idle(url: str, kind: str = "chat", timeout: float = 10.0) -> float:
             return time.monotonic() - start
         time.sleep(0.02)
     raise AssertionError(f"the {kind} queue did not drain within {timeout} s")
+
+
+@contextlib.contextmanager
+def counting_calls(module: torch.nn.Module):
+    """Counts ``module``'s forward passes (the LLM's: one per decoding step; the UNet's: one per denoising step)."""
+    calls = [0]
+    handle = module.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    try:
+        yield calls
+    finally:
+        handle.remove()

@@ -93,6 +93,16 @@ def test_streaming_pieces_join_to_the_greedy_answer(chat, image):
     assert "".join(pieces) == chat.chat(image, "What is in the image?", num_beams=1, max_new_tokens=10)[0]
 
 
+def test_context_none_starts_a_new_conversation_in_every_call(chat, image):
+    """Passing ``context=None`` positionally (as the official examples do) works like "" everywhere."""
+    options = dict(num_beams=1, max_new_tokens=6)
+    fresh, context, _ = chat.chat(image, "What is in the image?", "", **options)
+    assert chat.chat(image, "What is in the image?", None, **options)[:2] == (fresh, context)
+    assert "".join(chat.stream_chat(image, "What is in the image?", None, **options)) == fresh
+    assert chat.batch_chat([image], ["What is in the image?"], [None], **options) == [fresh]
+    assert chat.check_context("What is in the image?", None) == chat.check_context("What is in the image?", "")
+
+
 def test_stop_string_cuts_answers(chat, image, generate_golden):
     full = generate_golden["turns"][0]["answer"]
     stop = "Android"

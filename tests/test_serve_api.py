@@ -4,7 +4,6 @@ cancellation, the queue limit and the timeout."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import threading
@@ -19,7 +18,8 @@ from PIL import Image
 from viscpm.prompt import append_turn
 
 from .serve_fixtures import (  # noqa: F401  (fixtures)
-    data_url, image_path, running, server, serve_models_dir, serving, tiny_chat, tiny_paint, wait_idle,
+    counting_calls, data_url, image_path, running, server, serve_models_dir, serving, tiny_chat, tiny_paint,
+    wait_idle,
 )
 
 
@@ -224,20 +224,9 @@ def test_api_key(tiny_chat):
 # -- scheduling: cancellation, queue, timeout --------------------------------------------------------
 
 
-@contextlib.contextmanager
-def counting_steps(chat):
-    """Counts the LLM's forward passes (one per decoding step)."""
-    calls = [0]
-    handle = chat.model.llm.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
-    try:
-        yield calls
-    finally:
-        handle.remove()
-
-
 def test_a_client_that_leaves_a_stream_stops_the_generation(server, tiny_chat):
     body = {"messages": [user("Tell me a long story.")], "stream": True, "max_tokens": 1000}
-    with counting_steps(tiny_chat) as steps:
+    with counting_calls(tiny_chat.model.llm) as steps:  # one per decoding step
         with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as response:
             assert next(response.iter_lines()).startswith("data: ")
         wait_idle(server)  # leaving closed the connection; the worker stops at its next token
@@ -246,7 +235,7 @@ def test_a_client_that_leaves_a_stream_stops_the_generation(server, tiny_chat):
 
 def test_a_client_that_leaves_a_plain_request_stops_the_generation(server, tiny_chat):
     body = {"messages": [user("Tell me a long story.")], "max_tokens": 1000}  # beam search, 3 beams
-    with counting_steps(tiny_chat) as steps:
+    with counting_calls(tiny_chat.model.llm) as steps:  # one per decoding step
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server + "/v1/chat/completions", json=body, timeout=0.3)
         wait_idle(server)

@@ -15,7 +15,7 @@ Input images pass an image safety checker (:mod:`viscpm.safety`; by default Nude
 ``viscpm[safety]`` is installed, else none); a flagged image raises :class:`RefusedImage` and no
 answer is given. The checker is chosen at construction and can be switched per call.
 
-Text conventions: the ``context`` string is in the prompt's own markup, where a literal ``<`` is
+Text conventions: ``context`` (None or "" for a new conversation) is in the prompt's own markup, where a literal ``<`` is
 written ``<<``; questions and answers are escaped into it here. Returned answers are plain text.
 (The official code escapes neither, so a ``<`` in a question crashed it and answers could show
 ``<<``.)
@@ -269,7 +269,7 @@ class VisCPMChat:
         query_nums = [self.config.query_num if image else 0 for image in has_image]
         prompt = pack_for_generation(
             self.tokenizer,
-            [{"context": c, "question": CPMBeeTokenizer.escape(q)} for c, q in zip(contexts, questions)],
+            [{"context": c or "", "question": CPMBeeTokenizer.escape(q)} for c, q in zip(contexts, questions)],
             query_nums,
         )
         for length, queries in zip(prompt.inputs.length.tolist(), query_nums):
@@ -277,7 +277,7 @@ class VisCPMChat:
                 raise ContextTooLong(length, queries, answer_tokens, self.max_context_tokens)
         return prompt
 
-    def check_context(self, question: str, context: str = "", *, has_image: bool = True,
+    def check_context(self, question: str, context: str | None = "", *, has_image: bool = True,
                       **generation_options) -> int:
         """The context tokens one turn needs (prompt + image queries + the longest answer the options
         ask for); raises :class:`ContextTooLong` over the budget. Cheap: it only tokenizes, so a
@@ -342,7 +342,7 @@ class VisCPMChat:
         self,
         image: ImageInput | None,
         question: str,
-        context: str = "",
+        context: str | None = "",
         vision_hidden_states: torch.Tensor | None = None,
         *,
         image_safety_checker=None,
@@ -356,14 +356,14 @@ class VisCPMChat:
         """
         answers, states = self._generate([image], [question], [context], [vision_hidden_states], generation_options,
                                          image_safety_checker)
-        return answers[0], append_turn(context, question, answers[0]), states[0]
+        return answers[0], append_turn(context or "", question, answers[0]), states[0]
 
     @torch.no_grad()
     def batch_chat(
         self,
         images: Sequence[ImageInput | None],
         questions: Sequence[str],
-        contexts: Sequence[str] | None = None,
+        contexts: Sequence[str | None] | None = None,
         vision_hidden_states: Sequence[torch.Tensor | None] | None = None,
         *,
         image_safety_checker=None,
@@ -383,7 +383,7 @@ class VisCPMChat:
         self,
         image: ImageInput | None,
         question: str,
-        context: str = "",
+        context: str | None = "",
         vision_hidden_states: torch.Tensor | None = None,
         *,
         image_safety_checker=None,

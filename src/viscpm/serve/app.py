@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from .. import __version__
 from ..generation import GenerationCancelled
 from ..pipelines.chat import ContextTooLong, generation_config
+from .access_log import AccessLog
 from .conversation import to_turn
 from .errors import ApiError, bad_request
 from .images import decode_image
@@ -539,20 +540,53 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
         seconds = None if paint_budget is None else \
             check_paint_request(paint_budget, paint, options, extras, settings.request_timeout)
         job = Job(lambda jobs: run_paint(paint, jobs, paint_budget),
-                  PaintWork(body.prompt, body.negative_prompt, {**options, **extras}, seconds),
+                  PaintWork(body.prompt, body.negative_prompt, {**options, **extras}, seconds, progress=body.stream),
                   start + settings.request_timeout, asyncio.get_running_loop())
         submit("paint", job)
-        try:
-            _, results = await next_event(job, request)
-        finally:
+
+        def described(results) -> tuple[list[dict], str]:
+            # extensions per image: its seed (paint it again alone with it) and the image checker's verdict
+            data = [{"b64_json": encoded, "seed": result.seed, "flagged": getattr(result, "flagged", False),
+                     "flag_reason": getattr(result, "flag_reason", None)} for encoded, result in results]
+            width, height = results[0][1].image.size if results else (0, 0)
+            return data, f"{width}x{height}"
+
+        if not body.stream:
+            try:
+                _, results = await next_event(job, request)
+            finally:
+                job.cancel()
+            data, size = described(results)
+            return {"created": int(time.time()), "model": model, "output_format": "png", "size": size,
+                    "data": [{**item, "revised_prompt": None} for item in data]}
+
+        try:  # wait for the first step, so errors before any progress (refused prompt, timeout) keep their status
+            first = await next_event(job, request)
+        except BaseException:
             job.cancel()
-        # extensions per image: its seed (paint it again alone with it) and the image checker's verdict
-        data = [{"b64_json": encoded, "revised_prompt": None, "seed": result.seed,
-                 "flagged": getattr(result, "flagged", False), "flag_reason": getattr(result, "flag_reason", None)}
-                for encoded, result in results]
-        width, height = results[0][1].image.size if results else (0, 0)
-        return {"created": int(time.time()), "model": model, "data": data, "output_format": "png",
-                "size": f"{width}x{height}"}
+            raise
+
+        def event(kind: str, payload: dict) -> str:  # OpenAI's image stream: typed events; progress is ours
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload}, ensure_ascii=False)}\n\n"
+
+        async def events():
+            try:
+                kind, value = first
+                while kind == "progress":
+                    step, steps = value
+                    yield event("image_generation.progress", {"step": step, "num_steps": steps})
+                    kind, value = await next_event(job, None)  # a client that leaves cancels this generator
+                data, size = described(value)
+                for index, item in enumerate(data):
+                    yield event("image_generation.completed", {**item, "image_index": index, "size": size,
+                                                               "output_format": "png", "created_at": int(time.time())})
+            except ApiError as error:  # after the headers: the error travels as an event
+                yield event("error", error.body())
+            finally:
+                job.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # -- the page ---------------------------------------------------------------------------------
 
@@ -567,4 +601,5 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
         return Response(static[name], media_type=f"{STATIC_FILES[name]}; charset=utf-8", headers=PAGE_HEADERS)
 
     app.add_middleware(RequestGuard, settings=settings)
+    app.add_middleware(AccessLog)  # added last, so outermost: the guard's refusals are logged too
     return app

@@ -37,6 +37,7 @@ class PaintWork:
     negative_prompt: str | None
     options: dict[str, Any]
     seconds: float | None = None  # the estimated UNet time (see paint_budget), when the server has one
+    progress: bool = False  # report ("progress", (step, steps)) after every denoising step
 
 
 class ChatRunner:
@@ -200,6 +201,8 @@ def run_paint(paint, jobs: list[Job], budget=None) -> None:
         last_step = now
         if job.should_stop():
             raise GenerationCancelled(f"painting stopped at step {step.index}: the request was cancelled")
+        if work.progress:
+            job.put("progress", (step.index + 1, step.num_steps))
 
     with stopping_inside_calls(paint, job.should_stop):
         results = paint.paint(work.prompt, work.negative_prompt, callback=callback, **work.options)

@@ -87,6 +87,7 @@ class ImageGenerationRequest(_Request):
     n: int = Field(1, ge=1)
     size: str | None = None  # "WIDTHxHEIGHT" or "auto"; None/auto: the model's own size
     response_format: Literal["b64_json", "url"] | None = None  # only b64_json is served
+    stream: bool = False  # server-sent events: a progress event per denoising step, then one per image
     # -- VisCPM extensions
     negative_prompt: Text | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
