@@ -402,6 +402,10 @@ def _add_eval_parser(commands) -> None:
     rerank.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     rerank.add_argument("--out", help="write the metrics as JSON here")
     rerank.set_defaults(run=run_eval_rerank)
+    # --- issue 23: llava-bench, paint and compare live in viscpm.evaluation.commands ---
+    from .evaluation.commands import add_benchmark_parsers
+
+    add_benchmark_parsers(kinds)
 
 
 def run_eval_shapes(args: argparse.Namespace) -> int:
