@@ -98,7 +98,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
+def append_jsonl(path: Path, record: dict) -> None:
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
@@ -201,7 +201,7 @@ def answer_all(bench: BenchSet, items: Sequence[BenchItem], images: dict[str, Pa
         seconds = (time.perf_counter() - begun) / len(batch)
         for item, text in zip(batch, texts):
             done[item.question_id] = text
-            _append_jsonl(path, {"question_id": item.question_id, "image": item.image, "category": item.category,
+            append_jsonl(path, {"question_id": item.question_id, "image": item.image, "category": item.category,
                                  "text": text, "seconds": round(seconds, 3)})
         logger.info("%s: answered %d/%d", bench.lang, len(items) - len(todo) + start + len(batch), len(items))
     return done
@@ -220,7 +220,7 @@ def review_all(bench: BenchSet, items: Sequence[BenchItem], answers: dict[int, s
                   "scores": list(verdict.scores) if verdict.scores else None, "replies": verdict.replies,
                   "judge_model_reported": verdict.reported_model}
         reviews[item.question_id] = record
-        _append_jsonl(path, record)
+        append_jsonl(path, record)
         logger.info("%s: judged %d/%d", bench.lang, number, len(items))
     return reviews
 

@@ -209,10 +209,14 @@ def _batches(items: Sequence, size: int):
 def paint_prompts(painter, prompts: Sequence[PaintPrompt], image_dir: Path, seed: int = 0,
                   **paint_options) -> tuple[list[Path], dict[int, float]]:
     """Paint prompt k with seed ``seed + k`` into ``image_dir/k.png``; images already there are kept
-    (a re-run resumes). Returns the paths and, by prompt number, the seconds each newly painted image took."""
+    (a re-run resumes). Returns the paths and, by prompt number, the seconds each image took to paint
+    (kept in ``image_dir/seconds.jsonl``, so a resumed run still reports them)."""
+    from .llava_bench import append_jsonl, read_jsonl
+
     image_dir.mkdir(parents=True, exist_ok=True)
+    timings = image_dir / "seconds.jsonl"
+    seconds = {r["index"]: r["seconds"] for r in read_jsonl(timings)}
     paths: list[Path] = []
-    seconds: dict[int, float] = {}
     for number, item in enumerate(prompts):
         path = image_dir / f"{number:05d}.png"
         paths.append(path)
@@ -222,6 +226,7 @@ def paint_prompts(painter, prompts: Sequence[PaintPrompt], image_dir: Path, seed
         image = painter.paint(item.prompt, seed=seed + number, **paint_options)[0].image
         seconds[number] = time.perf_counter() - begun
         image.save(path)
+        append_jsonl(timings, {"index": number, "prompt": item.prompt, "seconds": round(seconds[number], 4)})
         logger.info("painted %d/%d in %.2f s", number + 1, len(prompts), seconds[number])
     return paths, seconds
 
