@@ -191,10 +191,16 @@ def test_bad_flags_fail_before_painting(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_shapesworld_adherence_stays_the_offline_default(tmp_path):
+    from viscpm.shapes import build_corpora
+    from viscpm.shapes.corpus import CorpusSizes
+
+    sizes = CorpusSizes(train_images=4, text=4, eval_images=2, paint_prompts=2, zh_instruct=1)
+    data = build_corpora(tmp_path / "shapes", seed=3, sizes=sizes).root
     out = tmp_path / "out"
-    assert main(["eval", "paint", "--limit", "2", "--out", str(out)]) == 0
+    assert main(["eval", "paint", "--data", str(data), "--limit", "2", "--steps", "2", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["benchmark"] == "paint-shapes" and report["details"]["paint_items"] == 2
+    assert report["details"]["paint_settings"]["steps"] == 2
     assert set(report["scores"]) <= {"en", "zh", "all"} and report["scores"]["all"]["seconds_per_image"] > 0
     assert all(0 <= part["adherence"] <= 1 for lang, part in report["scores"].items() if lang != "all")
 

@@ -149,6 +149,9 @@ def _add_paint_parser(kinds) -> None:
     _add_model_flags(parser)
     parser.add_argument("--vae", help="diffusers AutoencoderKL folder (default: vae/ beside the checkpoint)")
     parser.add_argument("--prompts", metavar="FILE", help="prompts to paint (default: ShapesWorld's held-out prompts)")
+    parser.add_argument("--data", metavar="DIR",
+                        help="without --prompts: a ShapesWorld folder from `viscpm data shapes` (default: build one, "
+                             "seed 0, as viscpm eval shapes does)")
     parser.add_argument("--limit", type=int, help="only the first N prompts")
     parser.add_argument("--clip", metavar="DIR", help="CLIP or Chinese-CLIP folder for the CLIP score")
     parser.add_argument("--fid-features", metavar="FILE", help="TorchScript feature network for FID (Inception)")
@@ -190,9 +193,12 @@ def run_paint_command(args: argparse.Namespace) -> int:
         from ..shapes.evaluate import evaluate_paint
 
         with tempfile.TemporaryDirectory() as scratch:
-            eval_dir = build_corpora(Path(scratch) / "shapes", seed=0).root / "eval"
+            root = Path(args.data) if args.data else build_corpora(Path(scratch) / "shapes", seed=0).root
             begun = time.perf_counter()
-            metrics = evaluate_paint(painter, eval_dir, args.limit, guidance_scale=args.guidance, seed=args.seed)
+            # evaluate_paint's own sampler (SDE-DPM-Solver++, 20 steps) unless --steps says otherwise
+            steps = {"num_inference_steps": args.steps} if args.steps else {}
+            metrics = evaluate_paint(painter, root / "eval", args.limit, guidance_scale=args.guidance, seed=args.seed,
+                                     **steps)
             seconds = (time.perf_counter() - begun) / max(1, metrics["paint_items"])
         scores = {lang: {"adherence": rate} for lang, rate in metrics["paint_adherence"].items()}
         scores["all"] = {"seconds_per_image": round(seconds, 3)}
@@ -213,7 +219,11 @@ def _score_prompts(args: argparse.Namespace, painter, options: dict, settings: d
         score_images,
     )
 
+    from .llava_bench import check_settings
+
     prompts = load_prompts(args.prompts)[: args.limit]
+    # the images in --out are painted by these settings and prompts: a re-run with others is refused
+    check_settings(Path(args.out), {**settings, "prompts_sha256": file_sha256(args.prompts)})
     clip = clip_score_metric(args.clip) if args.clip else None  # loaded before painting: a bad folder fails fast
     fid = fid_metric(load_fid_features(args.fid_features)) if args.fid_features else None
     references = reference_images(args.reference_images, args.max_reference_images) if fid is not None else []

@@ -82,7 +82,10 @@ class Judge:
     def __init__(self, settings: JudgeSettings, client=None):
         self.settings = settings
         if client is None:
-            import openai
+            try:
+                import openai
+            except ImportError:
+                raise ModuleNotFoundError("the judge client needs the openai package: pip install 'viscpm[eval]'") from None
 
             key = os.environ.get(settings.key_env) or PLACEHOLDER_KEY
             client = openai.OpenAI(base_url=settings.url, api_key=key, timeout=settings.timeout,

@@ -143,7 +143,15 @@ def load_clip(folder: str | Path):
     return _FeatureTensors(model), _Processor(tokenizer, processor, model.config.text_config.max_position_embeddings)
 
 
+def _require_torchmetrics() -> None:
+    try:
+        import torchmetrics  # noqa: F401
+    except ImportError:
+        raise ModuleNotFoundError("CLIP score and FID need torchmetrics: pip install 'viscpm[eval]'") from None
+
+
 def clip_score_metric(folder: str | Path):
+    _require_torchmetrics()
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     model, processor = load_clip(folder)
@@ -180,6 +188,7 @@ def load_fid_features(path: str | Path) -> torch.nn.Module:
 
 
 def fid_metric(features: torch.nn.Module):
+    _require_torchmetrics()
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     # the real images' features are kept over reset(), so each language is compared with the same set
