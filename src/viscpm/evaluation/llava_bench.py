@@ -290,14 +290,14 @@ def format_table(report: dict) -> str:
     with the judge that produced them and what it could not score."""
     columns = (*CATEGORIES, AVERAGE)
     widths = [max(len(COLUMN_TITLES[c]), 5) for c in columns]
-    lines = [f"LLaVA-Bench (COCO) relative score = model / reference (GPT-4 answer) x 100",
+    lines = ["LLaVA-Bench (COCO) relative score = model / reference (GPT-4 answer) x 100",
              "     " + "  ".join(COLUMN_TITLES[c].rjust(w) for c, w in zip(columns, widths)) + "  scored  unparseable"]
     for lang, scores in report["scores"].items():
         cells = [("-" if scores[c]["relative"] is None else f"{scores[c]['relative']:.1f}").rjust(w)
                  for c, w in zip(columns, widths)]
         part = report["languages"][lang]
-        lines.append(f"{lang.upper():<5}" + "  ".join(cells) + f"  {scores[AVERAGE]['scored']:>3}/{part['questions']:<3}"
-                     f"  {part['unparseable']:>11}")
+        scored = f"{scores[AVERAGE]['scored']}/{part['questions']}"
+        lines.append(f"{lang.upper():<5}" + "  ".join(cells) + f"  {scored:>6}  {part['unparseable']:>11}")
     judge = report["judge"]
     reported = sorted({m for part in report["languages"].values() for m in part["judge_models_reported"]})
     rules = ", ".join(f"{lang} {part['data']['sha256']['rule_text'][:12]}" for lang, part in report["languages"].items())
