@@ -11,7 +11,8 @@ switch it between runs):
 * ``flaky``: malformed the first time a given message is seen, scored by the rule after that.
 
 ``--fail-first N`` answers the first N requests with HTTP 500 (the client should retry them). Every
-request body is appended to ``--log`` so tests can check what the judge was shown.
+request body (and its Authorization header) is appended to ``--log`` so tests can check what the judge
+was shown.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class Handler(BaseHTTPRequestHandler):
             state["requests"] += 1
             failing = state["requests"] <= state["fail_first"]
             with open(state["log"], "a", encoding="utf-8") as log:
-                log.write(json.dumps({"body": body, "failed": failing}, ensure_ascii=False) + "\n")
+                log.write(json.dumps({"body": body, "failed": failing, "authorization": self.headers.get("Authorization")},
+                                     ensure_ascii=False) + "\n")
             content = body["messages"][-1]["content"]
             seen = content in state["seen"]
             if not failing:

@@ -225,10 +225,13 @@ def test_unparseable_replies_are_retried_counted_then_judged_again(world, start_
 
 
 @pytest.mark.slow
-def test_flaky_replies_and_server_errors_are_retried(world, start_judge, tmp_path):
+def test_flaky_replies_and_server_errors_are_retried(world, start_judge, tmp_path, monkeypatch):
     judge = start_judge("flaky", fail_first=2)
     out = tmp_path / "run"
-    assert main(bench_args(world, judge, out, "--limit", "3", lang="en")) == 0
+    monkeypatch.setenv("STAND_IN_JUDGE_KEY", "secret-123")
+    assert main(bench_args(world, judge, out, "--limit", "3", "--judge-key-env", "STAND_IN_JUDGE_KEY", lang="en")) == 0
+    assert all(r["authorization"] == "Bearer secret-123" for r in judge.requests())
+    assert "secret-123" not in (out / "report.json").read_text() + (out / "run.json").read_text()
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["languages"]["en"]["unparseable"] == 0 and report["scores"]["en"]["all"]["scored"] == 3
     assert [len(r["replies"]) for r in read_jsonl(out / "en" / "reviews.jsonl")] == [2, 2, 2]
