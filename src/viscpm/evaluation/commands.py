@@ -245,5 +245,8 @@ def run_compare(args: argparse.Namespace) -> int:
     from .compare import compare, load_report
 
     a, b = load_report(args.first), load_report(args.second)
-    print(compare(a, b, (Path(args.first).stem, Path(args.second).stem)), file=sys.stdout)
+    paths = Path(args.first), Path(args.second)
+    # runs/int8/report.json vs runs/bf16/report.json: name the columns by folder
+    names = tuple(p.parent.name if paths[0].stem == paths[1].stem else p.stem for p in paths)
+    print(compare(a, b, names), file=sys.stdout)
     return 0
