@@ -225,3 +225,12 @@ def test_compare_refuses_different_benchmarks_and_non_reports(tmp_path, capsys):
     (tmp_path / "x.json").write_text("[1, 2]")
     assert main(["eval", "compare", str(a), str(tmp_path / "x.json")]) == 2
     assert "has no \"scores\"" in capsys.readouterr().err
+
+
+def test_compare_names_report_json_columns_by_folder(tmp_path, capsys):
+    (tmp_path / "bf16").mkdir()
+    (tmp_path / "int8").mkdir()
+    a = write_llava_report(tmp_path / "bf16" / "report.json", {"en": {"all": 80.0}})
+    b = write_llava_report(tmp_path / "int8" / "report.json", {"en": {"all": 79.0}})
+    assert main(["eval", "compare", str(a), str(b)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[:2] == ["bf16", "int8"]
