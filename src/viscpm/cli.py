@@ -420,6 +420,10 @@ def _add_eval_parser(commands) -> None:
     rerank.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     _add_report_options(rerank)
     rerank.set_defaults(run=run_eval_rerank)
+    # --- issue 23: llava-bench, paint and compare live in viscpm.evaluation.commands ---
+    from .evaluation.commands import add_benchmark_parsers
+
+    add_benchmark_parsers(kinds)
 
 
 def _add_report_options(parser) -> None:
