@@ -3,8 +3,8 @@ directory, --resume refuses another run's checkpoint (naming what differs), rota
 runs' checkpoints."""
 from __future__ import annotations
 
+import errno
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -150,3 +150,26 @@ def _fake_checkpoint(output_dir: Path, step: int, fingerprint: dict) -> Path:
     folder.mkdir(parents=True)
     (folder / STATE_NAME).write_text(TrainerState(step=step, run=fingerprint).to_json())
     return folder
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_last_one(tmp_path, world, monkeypatch):
+    from viscpm.train import state as state_module
+
+    saves = []
+    real_save_file = state_module.save_file
+
+    def disk_fills_up_on_the_second_save(tensors, filename, metadata=None):
+        saves.append(filename)
+        if len(saves) == 2:
+            Path(filename).write_bytes(b"\0" * 1000)  # part of the file got written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save_file(tensors, filename, metadata)
+
+    monkeypatch.setattr(state_module, "save_file", disk_fills_up_on_the_second_save)
+    config = lm_config(tmp_path, world, max_steps=5, save_every=2)
+    with pytest.raises(TrainingStateError, match="step-00000004.*disk is full.*--resume"):
+        run(config)
+    checkpoints = config.train.output_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002"]  # no partial step-4.tmp
+    monkeypatch.setattr(state_module, "save_file", real_save_file)
+    assert run(config, resume=True).step == 5

@@ -29,14 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoints import describe_write_error
 from ..models.cpmbee import CPMBee
 from .config import TrainConfig, TrainSection
 from .data import BadRecord, GlobalBatches, shard_for_process
-from .state import (CHECKPOINTS, TrainerState, check_output_dir, latest_checkpoint, load_training_state,
-                    replace_checkpoint, rotate_checkpoints, run_fingerprint, save_training_state, start_run)
+from .state import (CHECKPOINTS, TrainerState, TrainingStateError, check_output_dir, latest_checkpoint,
+                    load_training_state, replace_checkpoint, rotate_checkpoints, run_fingerprint, save_training_state, start_run)
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +104,12 @@ def _save_checkpoint(accelerator, output_dir: Path, model, optimizer, scheduler,
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    save_training_state(tmp, accelerator, model, optimizer, scheduler, state)
+    try:
+        save_training_state(tmp, accelerator, model, optimizer, scheduler, state)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint must not take up the space left
+        raise TrainingStateError(f"cannot save the checkpoint {final}: {describe_write_error(error)}; the last "
+                                 f"complete checkpoint is kept, continue with --resume") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         replace_checkpoint(tmp, final)
