@@ -33,6 +33,7 @@ import functools
 import logging
 import os
 import re
+import tempfile
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -221,14 +222,25 @@ def _latin_spans(entry: _Entry, words: Sequence[_Word]) -> list[tuple[int, int]]
     return spans
 
 
+SEGMENTER_CACHE = Path.home() / ".cache" / "viscpm"  # jieba's parsed dictionary (9 MB)
+
+
 @functools.cache
 def _segmenter():
-    """jieba's tokenizer (its dictionary ships in the package: nothing is downloaded; it caches
-    the parsed dictionary in the temp folder)."""
+    """jieba's tokenizer. Its dictionary ships in the package: nothing is downloaded. jieba caches
+    the parsed dictionary with ``marshal`` in the shared temp folder by default, where another user
+    could plant one; the cache goes to a folder only this user can write instead."""
     import jieba
 
     jieba.setLogLevel(logging.WARNING)
     tokenizer = jieba.Tokenizer()
+    try:
+        SEGMENTER_CACHE.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tokenizer.tmp_dir = str(SEGMENTER_CACHE)
+    except OSError as error:  # no writable home: a private folder of this process (parsed each run)
+        tokenizer.tmp_dir = tempfile.mkdtemp(prefix="viscpm-jieba-")
+        logger.info("cannot create %s (%s); jieba's dictionary is cached in %s", SEGMENTER_CACHE, error,
+                    tokenizer.tmp_dir)
     tokenizer.initialize()
     return tokenizer
 
