@@ -173,3 +173,16 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_last_one(tmp_path
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002"]  # no partial step-4.tmp
     monkeypatch.setattr(state_module, "save_file", real_save_file)
     assert run(config, resume=True).step == 5
+
+
+def test_cli_refuses_a_used_output_dir_before_loading_the_model(tmp_path, world, capsys, monkeypatch):
+    from viscpm import cli
+    from viscpm.train import recipes
+
+    config = lm_config(tmp_path, world, max_steps=2)
+    assert cli.main(["train", "lm", "--config", str(config.source)]) == 0
+    monkeypatch.setattr(recipes, "build_recipe", lambda *a: pytest.fail("the model must not be loaded"))
+    assert cli.main(["train", "lm", "--config", str(config.source)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main(["train", "lm", "--config", str(config.source), "--set", "train.seed=5", "--resume"]) == 2
+    assert "train.seed: 5 now, 0 before" in capsys.readouterr().err.replace("\n", " ")

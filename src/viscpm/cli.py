@@ -222,9 +222,13 @@ def run_train(args: argparse.Namespace) -> int:
     from .train.config import TrainConfig
     from .train.engine import train
     from .train.recipes import build_recipe
+    from .train.state import check_output_dir, run_fingerprint
 
     logging.getLogger("viscpm").setLevel(logging.INFO)
     config = TrainConfig.from_file(args.config, args.set)
+    # refuse a used output_dir before spending minutes loading the model (train() checks again)
+    check_output_dir(config.train.output_dir, run_fingerprint(args.stage, config), resume=args.resume,
+                     overwrite=args.overwrite)
     train(build_recipe(args.stage, config), config, resume=args.resume, overwrite=args.overwrite)
     return 0
 

@@ -118,8 +118,8 @@ def run_fingerprint(stage: str, config: TrainConfig) -> dict[str, Any]:
 
 
 def fingerprint_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
-    """``["train.seed: 0 here, 1 in the checkpoint", …]`` for every setting that differs."""
-    return [f"{key}: {expected.get(key)!r} here, {found.get(key)!r} in the checkpoint"
+    """``["train.seed: 0 now, 1 before", …]`` for every setting that differs."""
+    return [f"{key}: {expected.get(key)!r} now, {found.get(key)!r} before"
             for key in sorted(expected.keys() | found.keys()) if expected.get(key) != found.get(key)]
 
 
