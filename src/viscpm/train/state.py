@@ -51,9 +51,11 @@ SCALER_NAME = "scaler.json"
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth")  # never read; their presence means tampering or an old format
 # what a run writes into its output directory (what --overwrite removes; anything else stays)
 RUN_ARTIFACTS = ("checkpoints", "final", "metrics.jsonl", "train_config.json", RUN_NAME, "curves.png")
-# settings that do not change the arithmetic: a resumed run may change them
+# settings a resumed run may change: they do not change the arithmetic of the steps taken, and
+# max_steps extends (or shortens) a run; under the cosine schedule the remaining steps follow the
+# new length's curve
 NOT_FINGERPRINTED = {"source", "train.output_dir", "train.save_every", "train.log_every", "train.micro_batch_size",
-                     "train.gradient_checkpointing"}
+                     "train.gradient_checkpointing", "train.max_steps"}
 DIGESTED_FILES = ("data.train", "model.config", "model.vocab")  # compared by content, not path
 
 
@@ -112,8 +114,6 @@ def run_fingerprint(stage: str, config: TrainConfig) -> dict[str, Any]:
         paths = settings.get(key)
         if paths is not None:
             settings[key] = [_file_digest(Path(p)) for p in paths] if isinstance(paths, list) else _file_digest(Path(paths))
-    if config.train.lr_schedule == "constant":  # only a cosine schedule depends on the run's length
-        settings.pop("train.max_steps")
     return json.loads(json.dumps({"stage": stage, **settings}))  # the form it has once read back
 
 
@@ -163,7 +163,11 @@ def check_output_dir(output_dir: Path, fingerprint: dict[str, Any], *, resume: b
     if resume:
         run_file = output_dir / RUN_NAME
         if run_file.is_file():
-            _refuse_other_run(fingerprint, json.loads(run_file.read_text(encoding="utf-8")), output_dir)
+            try:
+                previous = json.loads(run_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise TrainingStateError(f"{run_file} is damaged ({error}); start over with --overwrite") from None
+            _refuse_other_run(fingerprint, previous if isinstance(previous, dict) else {}, output_dir)
         checkpoint = latest_checkpoint(output_dir)
         if checkpoint is not None:
             _refuse_other_run(fingerprint, _read_state(checkpoint).run, checkpoint)
