@@ -182,7 +182,8 @@ def _spread_words(run: Sequence[_Word], glued_terms: Sequence[str]) -> list[_Wor
                 for suffix in ("", "s", "es"):  # the plural forms _word_matches allows
                     if reading.startswith(suffix, end):
                         last = end + len(suffix) - 1
-                        found.append(_Word(frozenset(_word_forms(letters[at : last + 1])), run[at].start, run[last].end))
+                        forms = frozenset(_word_forms(letters[at : last + 1]))
+                        found.append(_Word(forms, run[at].start, run[last].end))
                 at = reading.find(term, at + 1)
     return found
 

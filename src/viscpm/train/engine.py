@@ -38,7 +38,8 @@ from ..models.cpmbee import CPMBee
 from .config import TrainConfig, TrainSection
 from .data import BadRecord, GlobalBatches, shard_for_process
 from .state import (CHECKPOINTS, TrainerState, TrainingStateError, check_output_dir, latest_checkpoint,
-                    load_training_state, replace_checkpoint, rotate_checkpoints, run_fingerprint, save_training_state, start_run)
+                    load_training_state, replace_checkpoint, rotate_checkpoints, run_fingerprint,
+                    save_training_state, start_run)
 
 logger = logging.getLogger(__name__)
 

@@ -48,7 +48,8 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_NAME = "optimizer.json"
 SCHEDULER_NAME = "scheduler.json"
 SCALER_NAME = "scaler.json"
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth")  # never read; their presence means tampering or an old format
+# never read: in a checkpoint folder they mean an old format, another tool, or tampering
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth")
 # what a run writes into its output directory (what --overwrite removes; anything else stays)
 RUN_ARTIFACTS = ("checkpoints", "final", "metrics.jsonl", "train_config.json", RUN_NAME, "curves.png")
 # settings a resumed run may change: they do not change the arithmetic of the steps taken, and
@@ -113,7 +114,8 @@ def run_fingerprint(stage: str, config: TrainConfig) -> dict[str, Any]:
     for key in DIGESTED_FILES:
         paths = settings.get(key)
         if paths is not None:
-            settings[key] = [_file_digest(Path(p)) for p in paths] if isinstance(paths, list) else _file_digest(Path(paths))
+            digest = lambda p: _file_digest(Path(p))
+            settings[key] = [digest(p) for p in paths] if isinstance(paths, list) else digest(paths)
     return json.loads(json.dumps({"stage": stage, **settings}))  # the form it has once read back
 
 
