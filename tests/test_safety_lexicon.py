@@ -199,7 +199,12 @@ def test_every_invisible_character_is_dropped(checker, invisible):
     assert checker(invisible.join("色情")).flagged
 
 
-def test_segmenter_is_offline_and_cuts_words():
-    from viscpm.safety.lexicon import segment
+def test_segmenter_cuts_words_and_keeps_its_cache_private():
+    import tempfile
+
+    from viscpm.safety.lexicon import _segmenter, segment
 
     assert segment("港口交通") == [(0, 2), (2, 4)]
+    cache = Path(_segmenter().tmp_dir)
+    assert cache != Path(tempfile.gettempdir())  # jieba reads its cache with marshal: not a shared folder
+    assert cache.stat().st_mode & 0o077 == 0
