@@ -227,7 +227,10 @@ def _add_train_parser(commands) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=TRAIN_STAGES, help="which stage to run")
     parser.add_argument("--config", required=True, help="the stage's TOML config")
-    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in output_dir from its last complete checkpoint (same settings and data)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a non-empty output_dir (removes its checkpoints, final/ and metrics)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     parser.set_defaults(run=run_train)
@@ -237,10 +240,14 @@ def run_train(args: argparse.Namespace) -> int:
     from .train.config import TrainConfig
     from .train.engine import train
     from .train.recipes import build_recipe
+    from .train.state import check_output_dir, run_fingerprint
 
     logging.getLogger("viscpm").setLevel(logging.INFO)
     config = TrainConfig.from_file(args.config, args.set)
-    train(build_recipe(args.stage, config), config, resume=args.resume)
+    # refuse a used output_dir before spending minutes loading the model (train() checks again)
+    check_output_dir(config.train.output_dir, run_fingerprint(args.stage, config), resume=args.resume,
+                     overwrite=args.overwrite)
+    train(build_recipe(args.stage, config), config, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
