@@ -60,10 +60,14 @@ def data_url(path_or_bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
-def png_bytes(image: Image.Image) -> bytes:
+def image_bytes(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    return image_bytes(image, "PNG")
 
 
 @contextlib.contextmanager
@@ -113,3 +117,14 @@ def wait_idle(url: str, kind: str = "chat", timeout: float = 10.0) -> float:
             return time.monotonic() - start
         time.sleep(0.02)
     raise AssertionError(f"the {kind} queue did not drain within {timeout} s")
+
+
+@contextlib.contextmanager
+def counting_calls(module: torch.nn.Module):
+    """Counts ``module``'s forward passes (the LLM's: one per decoding step; the UNet's: one per denoising step)."""
+    calls = [0]
+    handle = module.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    try:
+        yield calls
+    finally:
+        handle.remove()

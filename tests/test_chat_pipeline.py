@@ -3,6 +3,7 @@ for both golden turns, plus the things the official chat could not do."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 
 from viscpm.checkpoints import CheckpointError
 from viscpm.image_processing import ImageError
-from viscpm.pipelines.chat import ContextTooLong, VisCPMChat, append_turn, cut_at_stop
+from viscpm.pipelines.chat import ContextTooLong, VisCPMChat, _StopText, append_turn, cut_at_stop
 
 from .test_chat_model import official_tiny_state
 
@@ -92,6 +93,16 @@ def test_streaming_pieces_join_to_the_greedy_answer(chat, image):
     assert "".join(pieces) == chat.chat(image, "What is in the image?", num_beams=1, max_new_tokens=10)[0]
 
 
+def test_context_none_starts_a_new_conversation_in_every_call(chat, image):
+    """Passing ``context=None`` positionally (as the official examples do) works like "" everywhere."""
+    options = dict(num_beams=1, max_new_tokens=6)
+    fresh, context, _ = chat.chat(image, "What is in the image?", "", **options)
+    assert chat.chat(image, "What is in the image?", None, **options)[:2] == (fresh, context)
+    assert "".join(chat.stream_chat(image, "What is in the image?", None, **options)) == fresh
+    assert chat.batch_chat([image], ["What is in the image?"], [None], **options) == [fresh]
+    assert chat.check_context("What is in the image?", None) == chat.check_context("What is in the image?", "")
+
+
 def test_stop_string_cuts_answers(chat, image, generate_golden):
     full = generate_golden["turns"][0]["answer"]
     stop = "Android"
@@ -105,6 +116,50 @@ def test_stop_string_cuts_answers(chat, image, generate_golden):
 def test_cut_at_stop_holds_partial_matches():
     assert cut_at_stop("abc</end>def", ["</end>"]) == "abc"
     assert cut_at_stop("abc</en", ["</end>"]) == "abc</en"  # no full stop string: nothing cut
+
+
+def _first_stop(text: str, stops: list[str]) -> str:
+    """The text before the stop string that is complete first (the earliest start among ties)."""
+    ends = [(text.find(s) + len(s), text.find(s)) for s in stops if s in text]
+    if not ends:
+        return text
+    end = min(e for e, _ in ends)
+    return text[: min(start for e, start in ends if e == end)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_streamed_stop_strings_match_a_plain_search(seed):
+    rng = random.Random(seed)
+    text = "".join(rng.choice("ab猫") for _ in range(60))
+    stops = ["".join(rng.choice("ab猫") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+    cutter, out, at = _StopText(stops), [], 0
+    while at < len(text) and not cutter.stopped:
+        size = rng.randint(1, 5)
+        out.append(cutter.feed(text[at : at + size]))
+        at += size
+    streamed = "".join(out) + ("" if cutter.stopped else cutter.flush())
+    assert streamed == _first_stop(text, stops) == cut_at_stop(text, stops)
+
+
+class _CountingStr(str):
+    """A stop string that counts how often it is indexed or sliced."""
+
+    reads = 0
+
+    def __getitem__(self, key):
+        _CountingStr.reads += 1
+        return str.__getitem__(self, key)
+
+
+def test_stop_matching_is_linear_in_text_and_stop_length():
+    # a long stop string that the text keeps almost matching: asking, for each prefix of the stop
+    # string, whether the text ends with it (the old way) reads it len(stop) times per piece
+    stop = _CountingStr("a" * 1999 + "b")
+    _CountingStr.reads = 0
+    cutter = _StopText([stop])
+    streamed = "".join(cutter.feed("a") for _ in range(4000)) + cutter.flush()
+    assert streamed == "a" * 4000
+    assert _CountingStr.reads <= 6 * (4000 + len(stop))  # the old way: about 4000 × 2000
 
 
 @pytest.mark.parametrize("options", [dict(max_length=16), dict(num_beams=1, max_new_tokens=10)])

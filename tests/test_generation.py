@@ -107,7 +107,12 @@ def test_hypotheses_keep_the_k_best_like_the_official_code():
 
 @pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=0.0), dict(top_p=0.0),
                                  dict(top_p=float("nan")), dict(num_beams=0), dict(top_k=-1),
-                                 dict(repetition_penalty=0.0)])
+                                 dict(repetition_penalty=0.0),
+                                 # values that once reached the decoder and made inf/nan or divided by zero
+                                 dict(temperature=1e-40), dict(temperature=1e-300), dict(temperature=float("inf")),
+                                 dict(top_p=1e-300), dict(repetition_penalty=1e-300), dict(repetition_penalty=1e300),
+                                 dict(length_penalty=-1e308), dict(length_penalty=1e308),
+                                 dict(length_penalty=float("nan"))])
 def test_invalid_options_are_refused(bad):
     with pytest.raises(ValueError):
         GenerationConfig(**bad)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from viscpm.image_processing import DEFAULT_MAX_PIXELS, ImageError, ImageTransform, load_image
+from viscpm.image_processing import DEFAULT_MAX_PIXELS, ImageError, ImageTransform, load_image, open_image
 
 
 @pytest.fixture(scope="module")
@@ -339,3 +339,59 @@ def test_lazy_pil_image_truncated(reference: Path) -> None:
     image = Image.open(io.BytesIO(data[: len(data) // 3]))  # opened lazily, not yet decoded
     with pytest.raises(ImageError, match="corrupt or truncated"):
         load_image(image)
+
+
+# ------------------------------------------------------------------------------------------------
+# Allowed formats: PNG, JPEG, WebP, GIF only, whatever a file is called
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nnewpath 0 0 moveto 8 8 lineto stroke\n%%EOF\n"
+
+
+@pytest.fixture
+def postscript_parsed(monkeypatch) -> list:
+    """Records every time PIL's EPS reader (which hands the file to Ghostscript) touches a file."""
+    from PIL import EpsImagePlugin
+
+    calls = []
+    original = EpsImagePlugin.EpsImageFile._open
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: (calls.append(1), original(self))[1])
+    return calls
+
+
+def test_postscript_named_png_is_refused_unparsed(tmp_path: Path, postscript_parsed: list) -> None:
+    path = tmp_path / "cat.png"
+    path.write_bytes(EPS)
+    with pytest.raises(ImageError, match="PNG, JPEG, WebP or GIF"):
+        load_image(path)
+    with pytest.raises(ImageError, match="PNG, JPEG, WebP or GIF"):
+        open_image(io.BytesIO(EPS), "upload")
+    assert postscript_parsed == []
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "PPM"])
+def test_formats_outside_the_allow_list_are_refused(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"image.{fmt.lower()}"
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(path, format=fmt)
+    with pytest.raises(ImageError, match="not one of the formats read here"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
+def test_allowed_formats_open(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"image.{fmt.lower()}"
+    Image.new("RGB", (4, 4), (200, 0, 0)).save(path, format=fmt)
+    assert load_image(path).size == (4, 4)
+
+
+def test_training_records_refuse_postscript(tmp_path: Path, postscript_parsed: list) -> None:
+    from viscpm.train.data import BadRecord, Record
+
+    path = tmp_path / "cat.png"
+    path.write_bytes(EPS)
+    shard = tmp_path / "shard.tar"
+    shard.write_bytes(b"\0" * 16 + EPS)
+    for record in (Record({}, path), Record({}, (shard, 16, len(EPS)))):
+        with pytest.raises(BadRecord, match="corrupt image"):
+            record.open_image()
+    assert postscript_parsed == []

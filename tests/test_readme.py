@@ -74,3 +74,11 @@ def test_readme_chat_quickstart_runs_as_written(monkeypatch):
     block = next(b for b in code_blocks(README.read_text(encoding="utf-8"), "python") if "VisCPMChat()" in b)
     monkeypatch.chdir(REPO_ROOT)
     exec(compile(block, "README.md", "exec"), {})
+
+
+def test_the_training_quickstart_config_starts_from_the_packaged_model():
+    from viscpm.pipelines.defaults import default_model_path
+    from viscpm.train.config import TrainConfig
+
+    config = TrainConfig.from_file(REPO_ROOT / "configs" / "shapes" / "quickstart.toml")
+    assert config.model.init.resolve() == default_model_path("chat").resolve()

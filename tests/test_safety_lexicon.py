@@ -3,6 +3,7 @@ reasons, user word lists, and no false alarms on ShapesWorld's or the reference'
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +151,60 @@ def test_no_false_alarms_on_shapesworld_or_reference_prompts(checker, reference)
     assert [p for p in prompts if checker(p)] == []
     reference_prompts = (reference / "data" / "prompts.txt").read_text(encoding="utf-8").splitlines()
     assert [p for p in reference_prompts if p.strip() and checker(p)] == []
+
+
+# The benchmarks (tests/data/safety, described in docs/safety.md). The word list was tuned on the
+# first pair; the held-out pair was written afterwards and is reported as first measured.
+BENCHMARK = Path(__file__).parent / "data" / "safety"
+KNOWN_MISSES = {"yinhui pictures"}  # yin hui is also 银灰 "silver grey": not listed
+KNOWN_HELDOUT_FALSE_ALARMS = {
+    "the naked trees of November", "a nude shade nail polish bottle",  # other senses of the word
+    "阴道路滑请小心",  # 阴|道路 (overcast, the road…): the segmenter reads 阴道
+    "碎尸万段的成语故事书封面", "强奸犯被逮捕的新闻报道",  # the term is really there (an idiom, a news story)
+}
+
+
+def benchmark_rows(name: str) -> list[list[str]]:
+    lines = (BENCHMARK / name).read_text(encoding="utf-8").splitlines()
+    return [line.split("\t") for line in lines if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("name", ["evasions.tsv", "evasions_heldout.tsv"])
+def test_evasion_benchmark(checker, name):
+    rows = benchmark_rows(name)
+    assert len(rows) >= 25 and all(len(row) == 3 for row in rows)
+    missed = {prompt for _, _, prompt in rows if not checker(prompt)}  # pinyin is blamed on its pinyin entry
+    assert missed <= KNOWN_MISSES, missed - KNOWN_MISSES
+
+
+@pytest.mark.parametrize("name, known", [("ordinary.txt", set()), ("ordinary_heldout.txt", KNOWN_HELDOUT_FALSE_ALARMS)])
+def test_false_positive_benchmark(checker, name, known):
+    prompts = [row[0] for row in benchmark_rows(name)]
+    assert len(prompts) >= 39
+    flagged = {prompt for prompt in prompts if checker(prompt)}
+    assert flagged <= known, flagged - known
+
+
+def test_issue_false_positives_pass_and_their_terms_still_block(checker):
+    for ordinary, term in [("港口交通", "口交"), ("出色情节", "色情"), ("林阴道", "阴道"), ("做爱心蛋糕", "做爱"),
+                           ("线性侵蚀", "性侵"), ("彩色情景", "色情"), ("白色情书", "色情"),
+                           ("a field of rape in bloom", "rape"), ("the sex of the kitten", "sex")]:
+        assert not checker(ordinary), ordinary
+        assert checker(term), term
+
+
+@pytest.mark.parametrize("invisible", ["\ufe0f", "\u034f", "\u2800", "\u3164", "\u115f", "\uffa0", "\u180e", "\U000e0041"])
+def test_every_invisible_character_is_dropped(checker, invisible):
+    assert checker(invisible.join("porn")).flagged
+    assert checker(invisible.join("色情")).flagged
+
+
+def test_segmenter_cuts_words_and_keeps_its_cache_private():
+    import tempfile
+
+    from viscpm.safety.lexicon import _segmenter, segment
+
+    assert segment("港口交通") == [(0, 2), (2, 4)]
+    cache = Path(_segmenter().tmp_dir)
+    assert cache != Path(tempfile.gettempdir())  # jieba reads its cache with marshal: not a shared folder
+    assert cache.stat().st_mode & 0o077 == 0

@@ -4,7 +4,6 @@ cancellation, the queue limit and the timeout."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import threading
@@ -19,7 +18,8 @@ from PIL import Image
 from viscpm.prompt import append_turn
 
 from .serve_fixtures import (  # noqa: F401  (fixtures)
-    data_url, image_path, running, server, serve_models_dir, serving, tiny_chat, tiny_paint, wait_idle,
+    counting_calls, data_url, image_path, running, server, serve_models_dir, serving, tiny_chat, tiny_paint,
+    wait_idle,
 )
 
 
@@ -277,20 +277,9 @@ def test_api_key(tiny_chat):
 # -- scheduling: cancellation, queue, timeout --------------------------------------------------------
 
 
-@contextlib.contextmanager
-def counting_steps(chat):
-    """Counts the LLM's forward passes (one per decoding step)."""
-    calls = [0]
-    handle = chat.model.llm.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
-    try:
-        yield calls
-    finally:
-        handle.remove()
-
-
 def test_a_client_that_leaves_a_stream_stops_the_generation(server, tiny_chat):
     body = {"messages": [user("Tell me a long story.")], "stream": True, "max_tokens": 1000}
-    with counting_steps(tiny_chat) as steps:
+    with counting_calls(tiny_chat.model.llm) as steps:  # one per decoding step
         with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as response:
             assert next(response.iter_lines()).startswith("data: ")
         wait_idle(server)  # leaving closed the connection; the worker stops at its next token
@@ -299,7 +288,7 @@ def test_a_client_that_leaves_a_stream_stops_the_generation(server, tiny_chat):
 
 def test_a_client_that_leaves_a_plain_request_stops_the_generation(server, tiny_chat):
     body = {"messages": [user("Tell me a long story.")], "max_tokens": 1000}  # beam search, 3 beams
-    with counting_steps(tiny_chat) as steps:
+    with counting_calls(tiny_chat.model.llm) as steps:  # one per decoding step
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server + "/v1/chat/completions", json=body, timeout=0.3)
         wait_idle(server)
@@ -324,9 +313,10 @@ def test_timeout_answers_504_and_stops_the_work(tiny_chat, tiny_paint):
         response = httpx.post(url + "/v1/chat/completions", json={"messages": [user("story")], "max_tokens": 1000},
                               timeout=60)
         assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        # painting that cannot finish in time is refused at once (test_serve_hardening has the details)
         response = httpx.post(url + "/v1/images/generations", json={"prompt": "x", "num_inference_steps": 100,
-                                                                    "size": "64x64"}, timeout=60)
-        assert response.status_code == 504
+                                                                    "n": 4, "size": "64x64"}, timeout=60)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "exceeds_time_limit"
         with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
                           json={"messages": [user("story")], "max_tokens": 1000, "stream": True}) as stream:
             events = [line for line in stream.iter_lines() if line]

@@ -1,14 +1,18 @@
 """The web page end to end in real headless Chromium (Debian's, driven by Playwright): upload an
-image, ask, see the streamed answer, ask again, reset; paint and see the picture in the gallery."""
+image, ask, see the streamed answer, ask again, reset; paint and see the picture in the gallery;
+watch a painting's step progress and stop it."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
 from playwright.sync_api import expect
 
-from .serve_fixtures import image_path, server, serve_models_dir, tiny_chat, tiny_paint  # noqa: F401  (fixtures)
+from .serve_fixtures import (  # noqa: F401  (fixtures)
+    counting_calls, image_path, server, serve_models_dir, tiny_chat, tiny_paint, wait_idle,
+)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # as root, without a network: no sandbox, no GPU, none of Chromium's own background connections
@@ -84,6 +88,27 @@ def test_paint_view_prompt_to_gallery(page, server):
     page.click("#paint-go")
     error = page.wait_for_selector("#gallery figure.error", timeout=30_000)
     assert "multiple of" in error.inner_text()
+
+
+def test_paint_view_shows_step_progress_and_stop_cancels_the_painting(page, server, tiny_paint):
+    page.goto(server + "/")
+    page.click("#tab-paint")
+    page.fill("#paint-prompt", "a red circle")
+    page.fill("#paint-steps", "100")
+    page.fill("#paint-size", "64x64")
+    with counting_calls(tiny_paint.model.unet) as unet_calls:
+        page.click("#paint-go")
+        assert page.locator("#paint-go").is_disabled()
+        expect(page.locator("#paint-progress-text")).to_have_text(re.compile(r"^step 步 [1-9]\d*/100 · \d+ s$"),
+                                                                  timeout=60_000)
+        assert page.eval_on_selector("#paint-bar", "bar => [bar.max, bar.value >= 1]") == [100, True]
+        page.click("#paint-stop")
+        expect(page.locator("#status")).to_have_text("stopped 已停止")
+        wait_idle(server, "paint", timeout=60)  # the server stopped painting at its next step
+    assert unet_calls[0] < 100
+    assert page.locator("#gallery figure").count() == 0
+    assert page.locator("#paint-progress").is_hidden() and page.locator("#paint-stop").is_hidden()
+    assert page.locator("#paint-go").is_enabled()
 
 
 def test_paint_view_edits_an_uploaded_image_with_a_painted_mask(page, server, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from .serve_fixtures import (  # noqa: F401  (fixtures)
-    data_url, png_bytes, serve_models_dir, serving, tiny_chat, tiny_paint,
+    data_url, image_bytes, png_bytes, serve_models_dir, serving, tiny_chat, tiny_paint,
 )
 
 KEY = "test-key"
@@ -21,6 +21,8 @@ LIMITS = dict(api_key=KEY, max_image_bytes=50_000, max_image_pixels=1_000_000, m
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 SMALL_PNG = png_bytes(Image.new("RGB", (64, 48), (200, 30, 30)))
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n%%EOF\n"
+BMP = image_bytes(Image.new("RGB", (8, 8)), "BMP")
 NOISE_PNG = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)))
 
 
@@ -47,7 +49,7 @@ def text(question: str, **fields) -> dict:
 
 CHAT, PAINT = "/v1/chat/completions", "/v1/images/generations"
 
-# (id, path, body: dict (JSON) or bytes (raw), headers, status, error code)
+# (id, path, body: dict (JSON), bytes (raw) or None (a GET), headers, status, error code)
 CASES = [
     ("bad-json", CHAT, b'{"messages": [', AUTH, 400, "invalid_json"),
     ("empty-body", CHAT, b"", AUTH, 400, "invalid_json"),
@@ -67,6 +69,19 @@ CASES = [
     ("stream-not-bool", CHAT, text("hi", stream="sometimes"), AUTH, 400, "invalid_request"),
     ("n-two", CHAT, text("hi", n=2), AUTH, 400, "unsupported_value"),
     ("five-stops", CHAT, text("hi", stop=["a", "b", "c", "d", "e"]), AUTH, 400, "invalid_stop"),
+    ("stops-over-the-text-limit", CHAT, text("hi", stop="x" * 900_000), AUTH, 400, "prompt_too_long"),
+    ("system-message-over-the-text-limit", CHAT, {"messages": [{"role": "system", "content": "猫" * 17_000},
+                                                               {"role": "user", "content": "hi"}]}, AUTH, 400,
+     "prompt_too_long"),
+    ("lone-surrogate-in-a-message", CHAT, b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', AUTH, 400,
+     "invalid_request"),
+    ("temperature-1e-40", CHAT, text("hi", temperature=1e-40), AUTH, 400, "invalid_request"),
+    ("temperature-1e-300", CHAT, text("hi", temperature=1e-300), AUTH, 400, "invalid_request"),
+    ("top-p-1e-300", CHAT, text("hi", top_p=1e-300), AUTH, 400, "invalid_request"),
+    ("length-penalty-minus-1e308", CHAT, text("hi", num_beams=3, length_penalty=-1e308), AUTH, 400,
+     "invalid_request"),
+    ("repetition-penalty-1e-300", CHAT, text("hi", repetition_penalty=1e-300), AUTH, 400, "invalid_request"),
+    ("beam-temperature-1e-300", CHAT, text("hi", num_beams=2, temperature=1e-300), AUTH, 400, "invalid_request"),
     ("beams-streamed", CHAT, text("hi", num_beams=3, stream=True), AUTH, 400, "unsupported_value"),
     ("too-many-beams", CHAT, text("hi", num_beams=50), AUTH, 400, "num_beams_too_large"),
     ("negative-repetition-penalty", CHAT, text("hi", repetition_penalty=-1), AUTH, 400, "invalid_request"),
@@ -89,6 +104,9 @@ CASES = [
     ("corrupt-image", CHAT, chat(image(data_url(b"\x89PNG\r\n\x1a\n" + bytes(range(200))))), AUTH, 400,
      "invalid_image"),
     ("truncated-image", CHAT, chat(image(data_url(NOISE_PNG[: len(NOISE_PNG) // 8]))), AUTH, 400, "invalid_image"),
+    ("postscript-labelled-png", CHAT, chat(image(data_url(EPS))), AUTH, 400, "invalid_image"),
+    ("bmp-image", CHAT, chat(image(data_url(BMP, "image/bmp"))), AUTH, 400, "invalid_image"),
+    ("garbage-base64", CHAT, chat(image("data:image/png;base64,@@@@")), AUTH, 400, "invalid_image"),
     ("not-an-image", CHAT, chat(image(data_url(b"hello, world"))), AUTH, 400, "invalid_image"),
     ("not-base64", CHAT, chat(image("data:image/png;base64,!!!not base64!!!")), AUTH, 400, "invalid_image"),
     ("empty-image-url", CHAT, chat(image("")), AUTH, 400, "invalid_image_url"),
@@ -103,6 +121,8 @@ CASES = [
     ("javascript-url", CHAT, chat(image("javascript:alert(1)")), AUTH, 400, "unsupported_image_url"),
     ("remote-url-off", CHAT, chat(image("http://127.0.0.1:9/cat.png")), AUTH, 400, "remote_images_disabled"),
     ("body-too-large", CHAT, text("x" * 1_100_000), AUTH, 413, "request_too_large"),
+    ("foreign-host-header", CHAT, text("hi"), {**AUTH, "Host": "attacker.example"}, 400, "invalid_host"),
+    ("foreign-host-header-for-the-page", "/health", None, {"Host": "attacker.example:80"}, 400, "invalid_host"),
     ("missing-key", CHAT, text("hi"), {}, 401, "invalid_api_key"),
     ("wrong-key", CHAT, text("hi"), {"Authorization": "Bearer nope"}, 401, "invalid_api_key"),
     ("not-bearer", CHAT, text("hi"), {"Authorization": KEY}, 401, "invalid_api_key"),
@@ -114,6 +134,7 @@ CASES = [
     ("n-zero", PAINT, {"prompt": "cat", "n": 0}, AUTH, 400, "invalid_request"),
     ("size-a-word", PAINT, {"prompt": "cat", "size": "big"}, AUTH, 400, "invalid_size"),
     ("size-too-large", PAINT, {"prompt": "cat", "size": "4096x4096"}, AUTH, 400, "invalid_size"),
+    ("size-above-the-models-limit", PAINT, {"prompt": "cat", "size": "128x128"}, AUTH, 400, "invalid_size"),
     ("size-not-a-multiple", PAINT, {"prompt": "cat", "size": "33x33", "num_inference_steps": 1}, AUTH, 400,
      "invalid_request"),
     ("steps-too-many", PAINT, {"prompt": "cat", "num_inference_steps": 1000}, AUTH, 400, "too_many_steps"),
@@ -127,6 +148,8 @@ CASES = [
     ("over-3000-token-prompt", PAINT, {"prompt": "cat " * 3_600, "num_inference_steps": 1}, AUTH, 400,
      "invalid_request"),
     ("paint-missing-key", PAINT, {"prompt": "cat"}, {}, 401, "invalid_api_key"),
+    ("lone-surrogate-in-a-prompt", PAINT, b'{"prompt": "cat \\ud800", "num_inference_steps": 1}', AUTH, 400,
+     "invalid_request"),
 ]
 
 
@@ -139,9 +162,12 @@ def strict_server(tiny_chat, tiny_paint):
 @pytest.mark.parametrize("path, body, headers, status, code", [case[1:] for case in CASES],
                          ids=[case[0] for case in CASES])
 def test_malformed_request(strict_server, path, body, headers, status, code):
-    raw = body if isinstance(body, bytes) else None
-    response = httpx.post(strict_server + path, content=raw, json=None if raw is not None else body,
-                          headers={"Content-Type": "application/json", **headers}, timeout=60)
+    if body is None:
+        response = httpx.get(strict_server + path, headers=headers, timeout=60)
+    else:
+        raw = body if isinstance(body, bytes) else None
+        response = httpx.post(strict_server + path, content=raw, json=None if raw is not None else body,
+                              headers={"Content-Type": "application/json", **headers}, timeout=60)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code and error["message"], error
@@ -165,7 +191,7 @@ def test_method_and_content_length_errors(strict_server):
     # a declared length over the limit is refused before the body is sent
     host, port = strict_server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
                      "Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n".encode())
         answer = b""
         while b"request_too_large" not in answer and (chunk := sock.recv(65536)):

@@ -129,19 +129,31 @@ def test_image_urls_decode_to_rgb():
 
 
 class _Images(http.server.BaseHTTPRequestHandler):
+    requests = 0
+
     def do_GET(self):  # noqa: N802
+        _Images.requests += 1
+        redirects = {"/to-file": "file:///etc/passwd", "/to-ftp": "ftp://x/cat.png", "/to-self": "/cat.png",
+                     "/to-other-loopback": f"http://127.0.0.2:{self.server.server_address[1]}/cat.png"}
         if self.path == "/cat.png":
             self.send_response(200)
             self.end_headers()
             self.wfile.write(PNG)
-        elif self.path in ("/to-file", "/to-ftp"):
+        elif self.path in redirects:
             self.send_response(302)
-            self.send_header("Location", "file:///etc/passwd" if self.path == "/to-file" else "ftp://x/cat.png")
+            self.send_header("Location", redirects[self.path])
             self.end_headers()
-        elif self.path == "/big":
+        elif self.path in ("/big", "/text"):
             self.send_response(200)
             self.end_headers()
-            self.wfile.write(b"\0" * 5000)
+            self.wfile.write(b"\0" * 5000 if self.path == "/big" else b"hello")
+        elif self.path in ("/trickle", "/trickle-headers"):  # a byte every 0.2 s for a minute
+            self.wfile.write(b"HTTP/1.0 200 OK\r\n" + (b"\r\n" if self.path == "/trickle" else b""))
+            with contextlib.suppress(OSError):  # until the fetch gives up
+                for _ in range(300):
+                    self.wfile.write(b"X")
+                    self.wfile.flush()
+                    time.sleep(0.2)
         else:
             self.send_error(404)
 
@@ -152,6 +164,7 @@ class _Images(http.server.BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def image_host():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
@@ -160,19 +173,50 @@ def image_host():
         httpd.shutdown()
 
 
-def test_remote_images_only_when_enabled():
+def fetch_error(url: str, settings: ServeSettings) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        decode_image(url, settings)
+    assert caught.value.status == 400 and caught.value.code == "image_fetch_failed", caught.value.message
+    return caught.value
+
+
+def test_remote_images_only_when_enabled_and_only_from_allowed_addresses():
     with image_host() as host:
         with pytest.raises(ApiError, match="remote image URLs are off"):
             decode_image(host + "/cat.png", ServeSettings())
-        settings = ServeSettings(allow_remote_images=True, max_image_bytes=4000)
+        # this host is on loopback, like the server: refused before any connection
+        public_only = ServeSettings(allow_remote_images=True)
+        _Images.requests = 0
+        port = host.rsplit(":", 1)[1]
+        for url in (host + "/cat.png", f"http://localhost:{port}/cat.png", f"http://0x7f000001:{port}/cat.png",
+                    f"http://2130706433:{port}/cat.png", f"http://[::1]:{port}/cat.png",
+                    f"http://[::ffff:127.0.0.1]:{port}/cat.png", "http://169.254.169.254/latest/meta-data",
+                    "http://10.0.0.1/cat.png", "http://0.0.0.0/cat.png"):
+            fetch_error(url, public_only)
+        assert _Images.requests == 0
+        # an operator may allow a network; a redirect out of it is checked again
+        settings = ServeSettings(allow_remote_images=True, max_image_bytes=4000,
+                                 allowed_image_networks=("127.0.0.1/32",))
         assert decode_image(host + "/cat.png", settings).image.size == (20, 10)
-        for path, code in (("/to-file", "image_fetch_failed"), ("/to-ftp", "unsupported_image_url"),
-                           ("/missing", "image_fetch_failed"), ("/big", "image_too_large")):
-            with pytest.raises(ApiError) as caught:
-                decode_image(host + path, settings)
-            assert caught.value.code == code
+        assert decode_image(host + "/to-self", settings).image.size == (20, 10)
+        messages = {fetch_error(host + path, settings).message
+                    for path in ("/to-file", "/to-ftp", "/to-other-loopback", "/missing", "/big", "/text")}
+        messages.add(fetch_error("http://127.0.0.1:9/cat.png", settings).message)  # nothing listens: refused
+        messages.add(fetch_error("http://10.0.0.1/cat.png", settings).message)  # not allowed
+        assert len(messages) == 1  # one text whatever failed: no port scanning through the server
         with pytest.raises(ApiError, match="unsupported image URL scheme 'file'"):
             decode_image("file:///etc/passwd", settings)
+
+
+@pytest.mark.parametrize("path", ["/trickle", "/trickle-headers"])
+def test_a_trickling_image_host_is_cut_at_the_deadline(path):
+    settings = ServeSettings(allow_remote_images=True, remote_image_timeout=1.0,
+                             allowed_image_networks=("127.0.0.1/32",))
+    with image_host() as host:
+        start = time.monotonic()
+        fetch_error(host + path, settings)
+        elapsed = time.monotonic() - start
+    assert elapsed < 10, elapsed  # the host would go on for a minute; per-read timeouts never fire
 
 
 # -- binding ---------------------------------------------------------------------------------------
@@ -332,9 +376,12 @@ def serve_args(reference, serve_models_dir, *extra):  # noqa: F811
 
 def test_serve_builds_the_app_from_flags(reference, serve_models_dir, monkeypatch):  # noqa: F811
     monkeypatch.delenv("VISCPM_API_KEY", raising=False)
-    app = build_serve_app(serve_args(reference, serve_models_dir, "--max-queue", "3", "--timeout", "9"))
+    app = build_serve_app(serve_args(reference, serve_models_dir, "--max-queue", "3", "--timeout", "9",
+                                     "--allow-image-network", "10.0.0.0/8", "--allowed-hosts", "box.lan"))
     settings = app.state.settings
     assert settings.max_queue == 3 and settings.request_timeout == 9 and settings.api_key is None
+    assert settings.allowed_image_networks == ("10.0.0.0/8",)
+    assert settings.allowed_hosts == ("localhost", "127.0.0.1", "::1", "box.lan")
     assert set(app.state.workers) == {"chat"}
     with running(app) as url:
         assert httpx.get(url + "/health").json()["models"] == {"chat": True, "paint": False}

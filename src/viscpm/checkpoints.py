@@ -16,15 +16,19 @@ Every failure is a ``CheckpointError`` that names the file and what is wrong.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import errno
 import json
 import logging
 import mmap
 import os
 import pickle
 import sys
+import types
+import typing
 import zipfile
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import torch
@@ -82,8 +86,15 @@ def _read_shards(index: Path) -> dict[str, torch.Tensor]:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise CheckpointError(f"{index} is not a shard index (a JSON with a weight_map): {error!r}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map each key to a shard file name")
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
+        # a shard is a file of this folder: an index must not make us read elsewhere ("../x", "/etc/x")
+        parts = PurePosixPath(shard.replace("\\", "/")).parts
+        if not parts or PurePosixPath(shard).is_absolute() or Path(shard).is_absolute() or ".." in parts:
+            raise CheckpointError(f"{index} lists the shard {shard!r} outside its folder; shard names must be "
+                                  f"file names inside {index.parent}")
         tensors = read_state_dict(index.parent / shard)
         listed = {k for k, v in weight_map.items() if v == shard}
         if set(tensors) != listed:
@@ -244,6 +255,7 @@ def load_weights(
     else:
         config = recognise_preset(state, presets, build, weights)
 
+    check_sizes_before_building(config, state, weights)
     with torch.device("meta"):
         model = build(config)
     check_state_dict(model, state, weights, rules if official else None)
@@ -256,12 +268,91 @@ def load_weights(
 
 
 def _parse_config(config_from_dict: Callable[[dict], ConfigT], path: Path) -> ConfigT:
+    data = read_config(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"config {path} must be a JSON object, got {_shown(data)}")
+    config_class = getattr(config_from_dict, "__self__", None)
+    problems = list(_type_problems(config_class, data, "")) if dataclasses.is_dataclass(config_class) else []
     try:
-        return config_from_dict(read_config(path))
-    except (TypeError, ValueError, KeyError) as error:
+        config = None if problems else config_from_dict(data)
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
         if isinstance(error, CheckpointError):
             raise
         raise CheckpointError(f"config {path} is not a valid config: {error}") from None
+    if config is not None:
+        problems = list(_type_problems(type(config), config, ""))
+    if problems:
+        raise CheckpointError(f"config {path} has wrong types: " + "; ".join(problems[:MAX_LISTED]))
+    return config
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _type_problems(kind: Any, value: Any, where: str) -> Iterator[str]:
+    """What in ``value`` (a config or its JSON) does not have the type the config's fields declare,
+    each as ``"llm.num_layers must be int, got str '2'"``. Keys the config does not know are left
+    to ``from_dict`` (official configs carry extra run-time keys)."""
+    if dataclasses.is_dataclass(kind):
+        if dataclasses.is_dataclass(value):
+            items = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        elif isinstance(value, dict):
+            items = value
+        else:
+            yield f"{where or 'the config'} must be a JSON object, got {_shown(value)}"
+            return
+        hints = typing.get_type_hints(kind)
+        for f in dataclasses.fields(kind):
+            if f.name in items:
+                yield from _type_problems(hints[f.name], items[f.name], f"{where}.{f.name}" if where else f.name)
+        return
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if not any(not list(_type_problems(option, value, where)) for option in args):
+            yield f"{where} must be {' or '.join(getattr(a, '__name__', str(a)) for a in args)}, got {_shown(value)}"
+        return
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    expected = {int: isinstance(value, int) and not isinstance(value, bool), float: number,
+                bool: isinstance(value, bool), str: isinstance(value, str), type(None): value is None}
+    if kind in expected:
+        ok = expected[kind]
+    elif kind is dict or origin is dict:
+        ok = isinstance(value, dict)
+    elif kind in (tuple, list) or origin in (tuple, list):
+        ok = isinstance(value, tuple | list)
+        if ok and args and args[0] is not Ellipsis:
+            for i, item in enumerate(value):
+                yield from _type_problems(args[0], item, f"{where}[{i}]")
+    else:
+        ok = True  # Any
+    if not ok:
+        yield f"{where} must be {getattr(kind, '__name__', str(kind))}, got {_shown(value)}"
+
+
+def _layer_counts(value: Any, where: str = "") -> Iterator[tuple[str, int]]:
+    """Every integer setting that counts layers (``num_layers``, the UNet's ``layers_per_block``)."""
+    if dataclasses.is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{where}.{key}" if where else str(key)
+            if "layers" in str(key) and isinstance(item, int):
+                yield name, item
+            else:
+                yield from _layer_counts(item, name)
+
+
+def check_sizes_before_building(config: Any, state: Mapping[str, torch.Tensor], source: Path) -> None:
+    """Refuse a config that asks for more layers than the weights could hold, before building it:
+    each layer has at least one tensor, so no layer count can exceed the number of tensors. (Even
+    on the meta device, 200,000 layers take minutes and gigabytes of module objects; sizes such as
+    ``vocab_size`` cost nothing there and are compared shape by shape after building.)"""
+    for name, count in _layer_counts(config):
+        if count > len(state):
+            raise CheckpointError(f"{source}: the config's {name} = {count} cannot fit the checkpoint, which holds "
+                                  f"only {len(state)} tensors; the config does not belong to these weights")
 
 
 def find_vocab(weights: Path, vocab_path: str | os.PathLike | None) -> Path:
@@ -313,8 +404,19 @@ def save_folder(model: nn.Module, config: Any, folder: str | os.PathLike, vocab_
 
 def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as error:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {describe_write_error(error)}") from None
+
+
+def describe_write_error(error: BaseException) -> str:
+    """A write failure in words; a full disk says so (safetensors and torch report it in their own words)."""
+    if getattr(error, "errno", None) == errno.ENOSPC or "no space left" in str(error).lower():
+        return "the disk is full (no space left on the device); free some disk space or save elsewhere"
+    return str(error)
 
 
 def load_vae(path: str | os.PathLike):

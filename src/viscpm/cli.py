@@ -21,12 +21,15 @@ REFUSED_STATUS = 3  # exit status when a safety checker refused the prompt or im
 CHAT_HELP = """Chat about an image, in Chinese or English.
 
 With a question: print one answer. Without: an interactive conversation where answers stream as
-they are written. Commands there: `:image PATH` switch to another image (the conversation is
-kept; `:image` alone drops the image), `clear` start over, `stop` or Ctrl-D quit; Ctrl-C stops
-the answer being written.
+they are written. Commands there: `:image PATH` load or switch the image (the conversation is
+kept; `:image` alone drops the image), `clear` start over, `stop` or Ctrl-D quit. Ctrl-C stops
+the answer being written and keeps the conversation; Ctrl-C twice at the prompt quits. Without an
+image the model answers from the text alone (and may describe a scene it cannot see): the chat
+says so.
 
-对图片提问（中文或英文）。不带问题时进入多轮对话，回答逐字输出：`:image 路径` 换图（保留对话），
-`clear` 清空，`stop` 或 Ctrl-D 退出，Ctrl-C 中断当前回答。
+对图片提问（中文或英文）。不带问题时进入多轮对话，回答逐字输出：`:image 路径` 加载或换图（保留对话），
+`clear` 清空，`stop` 或 Ctrl-D 退出；Ctrl-C 中断当前回答并保留对话，在提示符处连按两次 Ctrl-C 退出。
+未加载图片时模型只根据文字回答（可能臆造画面），对话中会提示。
 
 examples / 示例:
   viscpm chat --image cat.png "What is in the image?"
@@ -36,6 +39,9 @@ examples / 示例:
 CONTEXT_BUDGET_HELP = ("most tokens one conversation may hold: prompt + image queries + the longest answer asked "
                        "for (default 4096); a longer one is refused before any memory is allocated")
 QUIT_COMMANDS = {"stop", "退出"}
+NO_IMAGE_NOTICE = ("no image loaded / 未加载图片: answers come from the text alone and may describe a scene the model "
+                   "cannot see / 回答仅依据文字，可能臆造画面")
+LOAD_IMAGE_HINT = f"({NO_IMAGE_NOTICE}; load one with / 加载图片: `:image PATH`)"
 CLEAR_COMMANDS = {"clear", "清空"}
 
 
@@ -150,39 +156,41 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     language = args.language or ("off" if args.question is not None else "auto")
     options["language"] = None if language == "off" else language
     if args.question is not None:
+        if args.image is None:  # on stderr, so a script reading the answer from stdout is unaffected
+            print(f"viscpm chat: {NO_IMAGE_NOTICE}; pass --image PATH to ask about an image", file=sys.stderr)
         answer, _, _ = chat.chat(args.image, args.question, **options)
         print(answer, file=stdout)
         return 0
 
     image, context, states = args.image, "", None
-    print("viscpm chat — `:image PATH` 换图 / switch image, `clear` 清空 / reset, `stop` 退出 / quit, "
+    print("viscpm chat — `:image PATH` 换图 / load an image, `clear` 清空 / reset, `stop` 退出 / quit, "
           "Ctrl-C 中断回答 / interrupt an answer", file=stdout)
+    print(f"(image / 图片: {image})" if image else LOAD_IMAGE_HINT, file=stdout)
+    interrupted_at_prompt = False
     while True:
-        print("User: ", end="", file=stdout, flush=True)
-        try:
+        question, pieces = None, []
+        try:  # Ctrl-C anywhere in a turn lands below, so it never ends the conversation by surprise
+            print("User: ", end="", file=stdout, flush=True)
             line = stdin.readline()
-        except KeyboardInterrupt:  # Ctrl-C at the prompt quits, like Ctrl-D
-            line = ""
-        if not line or line.strip() in QUIT_COMMANDS:
-            print(file=stdout)
-            return 0
-        question = line.strip()
-        if not question:
-            continue
-        if question in CLEAR_COMMANDS:
-            context, states = "", None
-            print("(conversation cleared / 已清空)", file=stdout)
-            continue
-        if question.startswith(":image"):
-            path = question[len(":image"):].strip() or None
-            try:  # encode now, so a bad file is reported at once and the old image stays
-                image, states = path, chat.encode_image(path) if path else None
-                print(f"(image / 图片: {image or 'none / 无'})", file=stdout)
-            except ValueError as error:
-                print(f"error: {error}", file=stdout)
-            continue
-        pieces: list[str] = []
-        try:
+            if not line or line.strip() in QUIT_COMMANDS:
+                print(file=stdout)
+                return 0
+            interrupted_at_prompt = False
+            question = line.strip()
+            if not question:
+                continue
+            if question in CLEAR_COMMANDS:
+                context, states = "", None
+                print("(conversation cleared / 已清空)", file=stdout)
+                continue
+            if question.startswith(":image"):
+                path = question[len(":image"):].strip() or None
+                try:  # encode now, so a bad file is reported at once and the old image stays
+                    image, states = path, chat.encode_image(path) if path else None
+                    print(f"(image / 图片: {image})" if image else LOAD_IMAGE_HINT, file=stdout)
+                except ValueError as error:
+                    print(f"error: {error}", file=stdout)
+                continue
             if states is None and image is not None:
                 states = chat.encode_image(image)
             print("AI: ", end="", file=stdout, flush=True)
@@ -191,9 +199,19 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
                 print(piece, end="", file=stdout, flush=True)
             print(file=stdout)
             context = append_turn(context, question, "".join(pieces))
-        except KeyboardInterrupt:  # keep what was written, so the conversation reads as the user saw it
+        except KeyboardInterrupt:
+            if question is None:  # at the prompt: the first Ctrl-C only clears the line
+                if interrupted_at_prompt:
+                    print(file=stdout)
+                    return 0
+                interrupted_at_prompt = True
+                print("\n(Ctrl-C again or Ctrl-D to quit / 再按 Ctrl-C 或 Ctrl-D 退出)", file=stdout)
+                continue
+            # an answer (or an image being loaded) stopped: keep what was written, so the conversation reads as
+            # the user saw it; stopped before a word, the question is dropped and the conversation stays as it was
             print(" (interrupted / 已中断)", file=stdout)
-            context = append_turn(context, question, "".join(pieces))
+            if pieces:
+                context = append_turn(context, question, "".join(pieces))
         except ContextTooLong as error:  # only a new conversation helps here
             print(f"\nerror: {error}\n(type `clear` to start a new conversation / 输入 clear 开始新对话)", file=stdout)
         except ValueError as error:  # bad image or prompt: say so and keep the conversation
@@ -217,7 +235,10 @@ def _add_train_parser(commands) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=TRAIN_STAGES, help="which stage to run")
     parser.add_argument("--config", required=True, help="the stage's TOML config")
-    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in output_dir from its last complete checkpoint (same settings and data)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a non-empty output_dir (removes its checkpoints, final/ and metrics)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     parser.set_defaults(run=run_train)
@@ -227,10 +248,14 @@ def run_train(args: argparse.Namespace) -> int:
     from .train.config import TrainConfig
     from .train.engine import train
     from .train.recipes import build_recipe
+    from .train.state import check_output_dir, run_fingerprint
 
     logging.getLogger("viscpm").setLevel(logging.INFO)
     config = TrainConfig.from_file(args.config, args.set)
-    train(build_recipe(args.stage, config), config, resume=args.resume)
+    # refuse a used output_dir before spending minutes loading the model (train() checks again)
+    check_output_dir(config.train.output_dir, run_fingerprint(args.stage, config), resume=args.resume,
+                     overwrite=args.overwrite)
+    train(build_recipe(args.stage, config), config, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -401,7 +426,7 @@ def _add_eval_parser(commands) -> None:
                         help="chat beam size (default 1, greedy as when streaming; 3 is one-shot viscpm chat's)")
     shapes.add_argument("--guidance", type=float, default=4.0,
                         help="paint guidance scale (default 4, as in README's tables, whatever the model's default)")
-    shapes.add_argument("--out", help="write the metrics as JSON here")
+    _add_report_options(shapes)
     _add_quant_option(shapes)
     shapes.set_defaults(run=run_eval_shapes)
     rerank = kinds.add_parser(
@@ -414,12 +439,33 @@ def _add_eval_parser(commands) -> None:
     rerank.add_argument("--candidates", type=int, default=4, help="candidates per prompt (default 4)")
     rerank.add_argument("--data", help="a ShapesWorld folder from `viscpm data shapes` (default: build one, seed 0)")
     rerank.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    rerank.add_argument("--out", help="write the metrics as JSON here")
+    _add_report_options(rerank)
     rerank.set_defaults(run=run_eval_rerank)
+    # --- issue 23: llava-bench, paint and compare live in viscpm.evaluation.commands ---
+    from .evaluation.commands import add_benchmark_parsers
+
+    add_benchmark_parsers(kinds)
+
+
+def _add_report_options(parser) -> None:
+    parser.add_argument("--out", metavar="FILE", help="also write all metrics (examples included) as JSON here")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+
+
+def _report_metrics(metrics: dict, args: argparse.Namespace) -> None:
+    """The summary table (or, with --json, the JSON) on stdout; the JSON file with --out."""
+    import json
+    from pathlib import Path
+
+    from .metrics_table import format_metrics
+
+    text = json.dumps(metrics, indent=2, ensure_ascii=False)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(text if args.json else format_metrics(metrics))
 
 
 def run_eval_shapes(args: argparse.Namespace) -> int:
-    import json
     import tempfile
     from pathlib import Path
 
@@ -442,10 +488,7 @@ def run_eval_shapes(args: argparse.Namespace) -> int:
             painter = VisCPMPaint(args.paint, image_safety_checker=False, prompt_safety_checker=False,
                                   add_ranker=False, progress_bar=False, quant=args.quant)
             metrics.update(evaluate_paint(painter, eval_dir, args.limit, guidance_scale=args.guidance))
-    text = json.dumps(metrics, indent=2, ensure_ascii=False)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    print(text)
+    _report_metrics(metrics, args)
     return 0
 
 
@@ -496,6 +539,13 @@ def _add_serve_parser(commands) -> None:
     network.add_argument("--allow-remote-images", action="store_true",
                          help="let chat requests name http(s) image URLs for the server to fetch (default: "
                               "inline data URLs only; file:// is never read)")
+    network.add_argument("--allow-image-network", metavar="CIDR", action="append", default=[],
+                         help="with --allow-remote-images: a network images may also come from, e.g. 10.0.0.0/8 "
+                              "(repeatable; by default public addresses only, never loopback or private ones)")
+    network.add_argument("--allowed-hosts", metavar="NAMES", default="",
+                         help="comma-separated host names the Host header may name besides localhost, 127.0.0.1, "
+                              "::1 and --host (against DNS rebinding); '*' answers any (the default when --host is "
+                              "0.0.0.0 or ::)")
     network.add_argument("--allow-safety-off", action="store_true",
                          help="let requests turn safety checkers off (e.g. \"prompt_safety_checker\": false); "
                               "refused with 403 by default")
@@ -517,12 +567,16 @@ def _add_serve_parser(commands) -> None:
 def build_serve_app(args: argparse.Namespace):
     """The app ``viscpm serve`` runs: settings from the flags, pipelines loaded now."""
     from .serve import ServeSettings, check_binding, create_app
+    from .serve.settings import allowed_hosts_for
 
     api_key = args.api_key or os.environ.get("VISCPM_API_KEY") or None
     check_binding(args.host, api_key)  # before minutes of loading
     if args.no_chat and args.no_paint:
         raise ValueError("--no-chat and --no-paint leave nothing to serve")
-    settings = ServeSettings(api_key=api_key, allow_remote_images=args.allow_remote_images,
+    extra_hosts = tuple(name.strip() for name in args.allowed_hosts.split(",") if name.strip())
+    settings = ServeSettings(api_key=api_key, allowed_hosts=allowed_hosts_for(args.host, extra_hosts),
+                             allow_remote_images=args.allow_remote_images,
+                             allowed_image_networks=tuple(args.allow_image_network),
                              allow_safety_off=args.allow_safety_off, max_queue=args.max_queue,
                              request_timeout=args.timeout, max_batch_size=args.max_batch,
                              max_new_tokens=args.max_tokens,
@@ -562,13 +616,24 @@ def run_serve(args: argparse.Namespace) -> int:
     app = build_serve_app(args)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"viscpm serve: page 网页 http://{host}:{args.port}/  ·  API 接口 http://{host}:{args.port}/v1", flush=True)
+    _log_requests()
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
-                timeout_graceful_shutdown=5)
+                access_log=False, timeout_graceful_shutdown=5)  # ours (serve.access_log) also times each request
     return 0
 
 
+def _log_requests() -> None:
+    """One timestamped line per request on stderr, with or without -v."""
+    from .serve.access_log import logger
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # not twice under -v
+
+
 def run_eval_rerank(args: argparse.Namespace) -> int:
-    import json
     import tempfile
     from pathlib import Path
 
@@ -586,10 +651,7 @@ def run_eval_rerank(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.data) if args.data else build_corpora(Path(scratch) / "shapes", seed=0).root
         metrics = evaluate_reranking(painter, rankers, root / "eval", args.limit, args.candidates)
-    text = json.dumps(metrics, indent=2, ensure_ascii=False)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    print(text)
+    _report_metrics(metrics, args)
     return 0
 
 

@@ -9,6 +9,7 @@ text decodes through the prompt's reverse ext table.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -23,6 +24,14 @@ from .prompt import GenerationPrompt
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 BANNED_LOGIT = -10000.0  # the official code sets (not adds) this value on forbidden columns
+# Ranges that keep float32 scores finite: logits are divided by the temperature and scaled by the
+# repetition penalty, and beam scores divide by length ** length_penalty. Past these, 1e-40 or
+# 1e-300 turns logits into inf/nan and -1e308 divides by zero. Greedy is do_sample=False, not a
+# tiny temperature.
+MIN_TEMPERATURE = 1e-2
+MIN_TOP_P = 1e-6
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+MAX_ABS_LENGTH_PENALTY = 10.0
 
 
 class GenerationCancelled(Exception):
@@ -59,14 +68,20 @@ class GenerationConfig:
             raise ValueError(f"max_length must be non-negative, got {self.max_length}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be at least 1, got {self.num_beams}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not MIN_TEMPERATURE <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (for greedy decoding "
+                             f"turn sampling off instead), got {self.temperature}")
+        if not MIN_TOP_P <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [{MIN_TOP_P:g}, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be non-negative, got {self.top_k}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition_penalty must be in [{low:g}, {high:g}] (1 = no penalty), "
+                             f"got {self.repetition_penalty}")
+        if not abs(self.length_penalty) <= MAX_ABS_LENGTH_PENALTY:
+            raise ValueError(f"length_penalty must be in [-{MAX_ABS_LENGTH_PENALTY:g}, {MAX_ABS_LENGTH_PENALTY:g}], "
+                             f"got {self.length_penalty}")
 
     @property
     def last_step(self) -> int:
@@ -338,6 +353,7 @@ def _pick(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gener
         probs = sorted_logits.softmax(dim=-1)
         # drop a token once the mass before it already reaches top_p (the top token always stays)
         drop = (probs.cumsum(dim=-1) - probs) >= config.top_p
+        drop[:, 0] = False
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).view(-1).to(logits.device)

@@ -1,7 +1,8 @@
 """Loading user images safely and turning them into ``pixel_values`` for the vision encoder.
 
 ``load_image`` accepts a path or a PIL image of any mode and returns an RGB image, raising
-``ImageError`` (a ``ValueError``) with a clear message for anything it cannot use. ``ImageTransform``
+``ImageError`` (a ``ValueError``) with a clear message for anything it cannot use. Files are opened
+as PNG, JPEG, WebP or GIF only (``open_image``); a PIL image a caller opened is taken as it is. ``ImageTransform``
 is the official VisCPM-Chat eval transform (SPEC.md §4): PIL bicubic resize to a square, scale to
 [0, 1], normalise with mean 0.5 / std 0.5.
 
@@ -27,7 +28,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import BinaryIO, Sequence, Union
 
 import numpy as np
 import torch
@@ -37,6 +38,10 @@ ImageInput = Union[str, os.PathLike, Image.Image]
 
 # 64 megapixels: a 8000x8000 photo fits; decoding it needs ~200 MB as RGB. Checked before decoding.
 DEFAULT_MAX_PIXELS = 64_000_000
+# The only formats PIL may open for us. Anything else it can read is refused before it is parsed:
+# EPS would run Ghostscript on the file, and rarely used decoders are where parser bugs live.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+ALLOWED_FORMATS_TEXT = "PNG, JPEG, WebP or GIF"
 WHITE = (255, 255, 255)
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -77,29 +82,33 @@ def load_image(
         raise ImageError(f"image path is not a file: {path}")
     if path.stat().st_size == 0:
         raise ImageError(f"image file is empty (0 bytes): {path}")
-    with _open(path) as opened:
+    with open_image(path) as opened:
         # Converting always makes a new image, so it stays valid after the file is closed.
         return _to_rgb(_checked(opened, str(path), max_pixels), background, always_copy=True)
 
 
-def _open(path: Path) -> Image.Image:
+def open_image(source: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
+    """``Image.open`` limited to ``ALLOWED_FORMATS``: a file of any other format, whatever its name
+    or MIME type says, raises ``ImageError`` before PIL parses it. Lazy: the pixels are decoded by
+    ``load_image``, after its size check. ``name`` is how errors refer to ``source``."""
+    name = name or str(source)
     # PIL warns (above Image.MAX_IMAGE_PIXELS) or raises (above twice that) about decompression
     # bombs while reading the header. The warning is silenced because our own max_pixels check
     # follows; the error becomes an ImageError.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(path)
+            return Image.open(source, formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as error:
         raise ImageError(
-            f"image {path} is too large to open: {error} (raise PIL.Image.MAX_IMAGE_PIXELS to allow it)"
+            f"image {name} is too large to open: {error} (raise PIL.Image.MAX_IMAGE_PIXELS to allow it)"
         ) from error
     except UnidentifiedImageError as error:
         raise ImageError(
-            f"not a readable image file (unknown format, corrupt header or zero size): {path}"
+            f"not a readable image (corrupt, or not one of the formats read here: {ALLOWED_FORMATS_TEXT}): {name}"
         ) from error
-    except OSError as error:
-        raise ImageError(f"cannot read image file {path}: {error}") from error
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ImageError(f"cannot read image {name}: {error}") from error
 
 
 def _checked(image: Image.Image, name: str, max_pixels: int) -> Image.Image:

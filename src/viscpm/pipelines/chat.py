@@ -15,7 +15,7 @@ Input images pass an image safety checker (:mod:`viscpm.safety`; by default Nude
 ``viscpm[safety]`` is installed, else none); a flagged image raises :class:`RefusedImage` and no
 answer is given. The checker is chosen at construction and can be switched per call.
 
-Text conventions: the ``context`` string is in the prompt's own markup, where a literal ``<`` is
+Text conventions: ``context`` (None or "" for a new conversation) is in the prompt's own markup, where a literal ``<`` is
 written ``<<``; questions and answers are escaped into it here. Returned answers are plain text.
 (The official code escapes neither, so a ``<`` in a question crashed it and answers could show
 ``<<``.)
@@ -88,23 +88,58 @@ def generation_config(**options) -> GenerationConfig:
     return GenerationConfig(**resolved)
 
 
+def _border_table(text: str) -> list[int]:
+    """``table[i]``: the length of the longest proper prefix of ``text[: i + 1]`` that is also its
+    suffix (Knuth-Morris-Pratt's failure function), in O(len(text))."""
+    table, k = [0] * len(text), 0
+    for i in range(1, len(text)):
+        while k and text[i] != text[k]:
+            k = table[k - 1]
+        if text[i] == text[k]:
+            k += 1
+        table[i] = k
+    return table
+
+
 class _StopText:
-    """Cuts streamed text at the first stop string, holding back a tail that might begin one."""
+    """Cuts streamed text at the first stop string, holding back a tail that might begin one.
+
+    Each stop string is matched by a Knuth-Morris-Pratt automaton fed one character at a time: its
+    state is the longest prefix of the stop string that ends the text so far, which is exactly the
+    tail to hold back. Work is linear in the text plus the stop strings (asking, for every prefix
+    of a stop string, whether the text ends with it costs len(stop)² per piece: 12 s for one stop
+    string of a million characters). The standard library has no incremental matcher, hence our own."""
 
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
+        self._tables = [_border_table(s) for s in self.stops]
+        self._states = [0] * len(self.stops)  # matched prefix length per stop string
         self.pending = ""
         self.stopped = False
 
     def feed(self, piece: str) -> str:
+        if not self.stops:
+            return piece
+        held = len(self.pending)
         self.pending += piece
-        for stop in self.stops:
-            at = self.pending.find(stop)
-            if at >= 0:
+        for offset, char in enumerate(piece):
+            end = held + offset + 1  # characters of ``pending`` up to and including this one
+            cut = None
+            for i, (stop, table) in enumerate(zip(self.stops, self._tables)):
+                k = self._states[i]
+                while k and stop[k] != char:
+                    k = table[k - 1]
+                if stop[k] == char:
+                    k += 1
+                if k == len(stop):  # a whole stop string ends here; of several, the one starting first wins
+                    cut = end - k if cut is None else min(cut, end - k)
+                    k = table[k - 1]
+                self._states[i] = k
+            if cut is not None:
                 self.stopped = True
-                out, self.pending = self.pending[:at], ""
+                out, self.pending = self.pending[:cut], ""
                 return out
-        hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
+        hold = max(self._states)  # never more than was held plus this piece: a match's start is in ``pending``
         out = self.pending[: len(self.pending) - hold]
         self.pending = self.pending[len(out) :]
         return out
@@ -235,7 +270,7 @@ class VisCPMChat:
         query_nums = [self.config.query_num if image else 0 for image in has_image]
         prompt = pack_for_generation(
             self.tokenizer,
-            [{"context": c, "question": CPMBeeTokenizer.escape(q)} for c, q in zip(contexts, questions)],
+            [{"context": c or "", "question": CPMBeeTokenizer.escape(q)} for c, q in zip(contexts, questions)],
             query_nums,
         )
         for length, queries in zip(prompt.inputs.length.tolist(), query_nums):
@@ -243,7 +278,7 @@ class VisCPMChat:
                 raise ContextTooLong(length, queries, answer_tokens, self.max_context_tokens)
         return prompt
 
-    def check_context(self, question: str, context: str = "", *, has_image: bool = True,
+    def check_context(self, question: str, context: str | None = "", *, has_image: bool = True,
                       **generation_options) -> int:
         """The context tokens one turn needs (prompt + image queries + the longest answer the options
         ask for); raises :class:`ContextTooLong` over the budget. Cheap: it only tokenizes, so a
@@ -313,7 +348,7 @@ class VisCPMChat:
         self,
         image: ImageInput | None,
         question: str,
-        context: str = "",
+        context: str | None = "",
         vision_hidden_states: torch.Tensor | None = None,
         *,
         image_safety_checker=None,
@@ -331,14 +366,14 @@ class VisCPMChat:
         """
         answers, states = self._generate([image], [question], [context], [vision_hidden_states], generation_options,
                                          image_safety_checker, language)
-        return answers[0], append_turn(context, question, answers[0]), states[0]
+        return answers[0], append_turn(context or "", question, answers[0]), states[0]
 
     @torch.no_grad()
     def batch_chat(
         self,
         images: Sequence[ImageInput | None],
         questions: Sequence[str],
-        contexts: Sequence[str] | None = None,
+        contexts: Sequence[str | None] | None = None,
         vision_hidden_states: Sequence[torch.Tensor | None] | None = None,
         *,
         image_safety_checker=None,
@@ -360,7 +395,7 @@ class VisCPMChat:
         self,
         image: ImageInput | None,
         question: str,
-        context: str = "",
+        context: str | None = "",
         vision_hidden_states: torch.Tensor | None = None,
         *,
         image_safety_checker=None,

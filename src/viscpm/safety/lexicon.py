@@ -7,17 +7,21 @@
 Word list files: one entry per line, ``#`` starts a comment. An entry is
 
 * ``term`` — blocked. Latin-script terms match whole words (a plural ``s``/``es`` is allowed;
-  ``term*`` matches every word that starts with ``term``; several words match in sequence);
-  Chinese terms match anywhere in the text, since Chinese has no spaces between words.
+  ``term*`` matches every word that starts with ``term``; several words match in sequence, or
+  written as one: the shipped list's pinyin entries such as ``se qing`` also catch ``seqing``).
+  Chinese terms match where the text's word segmentation (jieba) does not cut through them:
+  a term that straddles two words is not there (港口|交通 holds no 口交, 出色|情节 no 色情),
+  one inside a longer word is (色情片).
 * ``!phrase`` — allowed: a blocked term found inside this phrase does not count
-  (``!白色情人节`` keeps "White Day" from reading as 色情).
+  (``!林阴道``: the segmenter splits this spelling of "boulevard" as 林|阴道).
 
 Before matching, the prompt and the entries are normalised: NFKC (full-width → half-width,
-ligatures, circled letters), accents stripped, case folded, invisible format characters
-(zero-width spaces) dropped, Cyrillic/Greek look-alike letters mapped to Latin, traditional
-Chinese characters mapped to simplified (OpenCC when installed, else a built-in table covering
-the shipped list), digits and ``@$`` read as letters inside words (``p0rn``), letters spread out
-with spaces or punctuation joined (``p o r n``, ``p.o.r.n``, ``色 情``, ``色*情``).
+ligatures, circled letters), accents stripped, case folded, invisible characters dropped (format
+characters, variation selectors, fillers and blanks such as U+034F, U+2800, U+3164), Cyrillic/
+Greek look-alike letters mapped to Latin, traditional Chinese characters mapped to simplified
+(OpenCC when installed, else a built-in table covering the shipped list), digits and ``@$`` read
+as letters inside words (``p0rn``), letters spread out with any run of spaces, punctuation or
+emoji joined (``p o r n``, ``p.o.r.n``, ``p🔥o🔥r🔥n``, ``色 情``, ``色*情``).
 
 It is a filter, not a classifier: it knows only its list. For a learned checker use the official
 BERT classifier (:class:`viscpm.safety.BertPromptChecker`).
@@ -29,6 +33,7 @@ import functools
 import logging
 import os
 import re
+import tempfile
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_WORD_LIST = "words.txt"  # package data beside this module
 MAX_REASONS = 3  # matches spelled out in a reason
+MIN_SPREAD_LETTERS = 3  # single letters joined into a word ("s e x")
 
 # Latin look-alikes in other scripts (a common way to slip a word past a filter).
 _CONFUSABLES = str.maketrans({
@@ -60,10 +66,17 @@ _T2S_BUILTIN = str.maketrans({
 })
 
 _WORD_CHARS = "a-z0-9@$"
-_JOINERS = r"._\-*'’·•~+/\\|"  # punctuation people put inside a word to break it up
-_WORD = re.compile(rf"[{_WORD_CHARS}]+(?:[{_JOINERS}]+[{_WORD_CHARS}]+)*")
+_JOINER = r"(?:[^\w\s@$]|_)"  # punctuation, symbols, emoji: what people put inside a word to break it up
+_WORD = re.compile(rf"[{_WORD_CHARS}]+(?:{_JOINER}+[{_WORD_CHARS}]+)*")
 _PARTS = re.compile(rf"[{_WORD_CHARS}]+")
-_SPREAD_GAP = re.compile(rf"^[\s{_JOINERS},;:]{{1,3}}$")  # what may separate spread-out letters
+_SPREAD_GAP = re.compile(r"^(?:[^\w]|_)+$")  # between spread-out letters: anything but letters and digits
+# Characters that show nothing (Unicode's Default_Ignorable_Code_Point set, which is wider than
+# category Cf: variation selectors, the combining grapheme joiner, Hangul fillers), plus the blank
+# braille pattern, which renders as a space but is not whitespace.
+_INVISIBLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+    "\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0000-\U000e0fff]")
 
 
 @functools.cache
@@ -97,7 +110,7 @@ def normalise(text: str) -> tuple[str, list[int]]:
     chars: list[str] = []
     origin: list[int] = []
     for i, ch in enumerate(text):
-        if unicodedata.category(ch) == "Cf":  # zero-width spaces, joiners, direction marks
+        if unicodedata.category(ch) == "Cf" or _INVISIBLE.match(ch):
             continue
         form = unicodedata.normalize("NFKC", ch)
         form = "".join(c for c in unicodedata.normalize("NFKD", form) if not unicodedata.combining(c))
@@ -131,15 +144,16 @@ class _Word:
 
 
 def _word_forms(raw: str) -> set[str]:
-    joined = re.sub(rf"[{_JOINERS}]", "", raw)
+    joined = re.sub(_JOINER, "", raw)
     forms = {joined, *_PARTS.findall(raw)}
     if any(c.isalpha() for c in joined):  # leetspeak only inside words with letters: "2 circles" stays
         forms |= {joined.translate(_LEET), joined.translate(_LEET_ONE_AS_L).translate(_LEET)}
     return forms
 
 
-def _words(form: str) -> list[_Word]:
-    """Latin-script words of the normalised text; letters spread out one by one are joined."""
+def _words(form: str, glued_terms: Sequence[str]) -> list[_Word]:
+    """Latin-script words of the normalised text; letters spread out one by one are joined where
+    they spell one of ``glued_terms`` (the list's Latin entries written as one word)."""
     words = [_Word(frozenset(_word_forms(m.group())), m.start(), m.end()) for m in _WORD.finditer(form)]
     out = list(words)
     run: list[_Word] = []
@@ -148,11 +162,30 @@ def _words(form: str) -> list[_Word]:
         if single and (not run or _SPREAD_GAP.match(form[run[-1].end : word.start])):
             run.append(word)
             continue
-        if len(run) >= 3:
-            letters = "".join(next(iter(w.forms)) for w in run)
-            out.append(_Word(frozenset(_word_forms(letters)), run[0].start, run[-1].end))
+        if len(run) >= MIN_SPREAD_LETTERS:
+            out += _spread_words(run, glued_terms)
         run = [word] if single else []
     return sorted(out, key=lambda w: (w.start, w.end))
+
+
+def _spread_words(run: Sequence[_Word], glued_terms: Sequence[str]) -> list[_Word]:
+    """The terms spelled inside a run of single letters ("a p o r n": the run starts with an
+    article), found by substring search so a long run costs linear time, not one word per stretch."""
+    letters = "".join(next(iter(w.forms)) for w in run)
+    readings = {letters, letters.translate(_LEET), letters.translate(_LEET_ONE_AS_L).translate(_LEET)}
+    found = []
+    for reading in readings:
+        for term in glued_terms:
+            at = reading.find(term)
+            while at >= 0:
+                end = at + len(term)
+                for suffix in ("", "s", "es"):  # the plural forms _word_matches allows
+                    if reading.startswith(suffix, end):
+                        last = end + len(suffix) - 1
+                        forms = frozenset(_word_forms(letters[at : last + 1]))
+                        found.append(_Word(forms, run[at].start, run[last].end))
+                at = reading.find(term, at + 1)
+    return found
 
 
 def _word_matches(pattern: str, forms: frozenset[str]) -> bool:
@@ -190,11 +223,45 @@ def _latin_spans(entry: _Entry, words: Sequence[_Word]) -> list[tuple[int, int]]
     return spans
 
 
-def _chinese_spans(entry: _Entry, squashed: str, where: Sequence[int]) -> list[tuple[int, int]]:
+SEGMENTER_CACHE = Path.home() / ".cache" / "viscpm"  # jieba's parsed dictionary (9 MB)
+
+
+@functools.cache
+def _segmenter():
+    """jieba's tokenizer. Its dictionary ships in the package: nothing is downloaded. jieba caches
+    the parsed dictionary with ``marshal`` in the shared temp folder by default, where another user
+    could plant one; the cache goes to a folder only this user can write instead."""
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    tokenizer = jieba.Tokenizer()
+    try:
+        SEGMENTER_CACHE.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tokenizer.tmp_dir = str(SEGMENTER_CACHE)
+    except OSError as error:  # no writable home: a private folder of this process (parsed each run)
+        tokenizer.tmp_dir = tempfile.mkdtemp(prefix="viscpm-jieba-")
+        logger.info("cannot create %s (%s); jieba's dictionary is cached in %s", SEGMENTER_CACHE, error,
+                    tokenizer.tmp_dir)
+    tokenizer.initialize()
+    return tokenizer
+
+
+def segment(text: str) -> list[tuple[int, int]]:
+    """Word spans of ``text`` (jieba's accurate mode, with its model for unknown words)."""
+    return [(start, end) for _, start, end in _segmenter().tokenize(text)]
+
+
+def _chinese_spans(entry: _Entry, squashed: str, where: Sequence[int],
+                   words: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Where the entry occurs in the squashed text without cutting through a word: every word it
+    touches lies inside it, or holds it whole."""
     spans = []
     at = squashed.find(entry.chinese)
     while at >= 0:
-        spans.append((where[at], where[at + len(entry.chinese) - 1] + 1))
+        end = at + len(entry.chinese)
+        touched = [(a, b) for a, b in words if a < end and b > at]
+        if all(at <= a and b <= end or a <= at and end <= b for a, b in touched):
+            spans.append((where[at], where[end - 1] + 1))
         at = squashed.find(entry.chinese, at + 1)
     return spans
 
@@ -231,6 +298,9 @@ class LexiconChecker:
         self.allowed = [e for e in map(_parse_entry, allowed) if e is not None]
         if not self.blocked:
             raise ValueError("the lexicon checker needs at least one blocked term")
+        if any(e.chinese for e in self.blocked):
+            _segmenter()  # load the dictionary now (seconds), not during the first Chinese request
+        self._glued = sorted({"".join(w.rstrip("*") for w in e.words) for e in self.blocked + self.allowed if e.words})
 
     @classmethod
     def from_files(cls, *paths: str | os.PathLike) -> LexiconChecker:
@@ -247,10 +317,10 @@ class LexiconChecker:
         """The shipped list, plus the entries of any ``extra`` word list files."""
         return cls.from_files(default_word_list(), *extra)
 
-    def _spans(self, entries: Sequence[_Entry], form: str, words, squashed, where) -> list[tuple[_Entry, int, int]]:
+    def _spans(self, entries: Sequence[_Entry], words, squashed, where, segments) -> list[tuple[_Entry, int, int]]:
         found = []
         for entry in entries:
-            spans = _latin_spans(entry, words) if entry.words else _chinese_spans(entry, squashed, where)
+            spans = _latin_spans(entry, words) if entry.words else _chinese_spans(entry, squashed, where, segments)
             found += [(entry, a, b) for a, b in spans]
         return found
 
@@ -258,11 +328,12 @@ class LexiconChecker:
         if not isinstance(text, str):
             raise TypeError(f"the prompt must be a string, got {type(text).__name__}")
         form, origin = normalise(text)
-        words = _words(form)
+        words = _words(form, self._glued)
         where = [i for i, c in enumerate(form) if c.isalnum()]  # squashed position -> normalised position
         squashed = "".join(form[i] for i in where)
-        allowed = self._spans(self.allowed, form, words, squashed, where)
-        hits = [(entry, a, b) for entry, a, b in self._spans(self.blocked, form, words, squashed, where)
+        segments = segment(squashed) if any(map(_is_cjk, squashed)) else []
+        allowed = self._spans(self.allowed, words, squashed, where, segments)
+        hits = [(entry, a, b) for entry, a, b in self._spans(self.blocked, words, squashed, where, segments)
                 if not any(x <= a and b <= y for _, x, y in allowed)]
         if not hits:
             return SafetyResult(False, checker=self.name)

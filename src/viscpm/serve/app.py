@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import time
+import urllib.parse
 import uuid
 from importlib import resources
 from typing import Any
@@ -33,10 +34,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from .. import __version__
 from ..generation import GenerationCancelled
 from ..pipelines.chat import ContextTooLong, generation_config
+from .access_log import AccessLog
 from .conversation import to_turn
 from .edits import read_edit_form
 from .errors import ApiError, bad_request
 from .images import decode_image
+from .paint_budget import PaintBudget, check_request as check_paint_request
 from .runners import ChatRunner, ChatWork, PaintWork, run_paint
 from .schemas import ChatCompletionRequest, ImageGenerationRequest
 from .settings import MAX_STOP_STRINGS, ServeSettings
@@ -92,6 +95,14 @@ def passthrough_options(method, extras: dict[str, Any] | None, reserved: set[str
 # -- request -> pipeline options ------------------------------------------------------------------
 
 
+def stop_strings(body: ChatCompletionRequest) -> tuple[str, ...]:
+    """The request's stop strings, at most MAX_STOP_STRINGS (their length counts toward the text limit)."""
+    stops = () if not body.stop else (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "invalid_stop", "stop")
+    return stops
+
+
 def chat_options(body: ChatCompletionRequest, settings: ServeSettings) -> dict[str, Any]:
     """Decoding options for VisCPMChat from an OpenAI request.
 
@@ -108,11 +119,9 @@ def chat_options(body: ChatCompletionRequest, settings: ServeSettings) -> dict[s
         raise bad_request(f"max_tokens is {max_new}; this server allows at most {settings.max_new_tokens}",
                           "max_tokens_too_large", "max_tokens")
     options: dict[str, Any] = {"max_new_tokens": max_new}
-    if body.stop:
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop)
-        if len(stops) > MAX_STOP_STRINGS:
-            raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "invalid_stop", "stop")
-        options["stop"] = tuple(stops)
+    stops = stop_strings(body)
+    if stops:
+        options["stop"] = stops
     if body.repetition_penalty is not None:
         options["repetition_penalty"] = body.repetition_penalty
     if body.length_penalty is not None:
@@ -246,11 +255,16 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        headers = {k: v.decode("latin-1") for k, v in raw.items()}
+        refused_host = self.refused_host(headers.get("host", ""))
+        if refused_host:
+            return await refused_host.response()(scope, receive, send)
         key = self.settings.api_key
         if key and scope["path"].startswith("/v1"):
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            # compared as bytes: a key with non-ASCII characters arrives as its UTF-8 bytes
+            scheme, _, token = raw.get("authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode("utf-8")):
                 error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                                  "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await error.response()(scope, receive, send)
@@ -288,6 +302,22 @@ class RequestGuard:
 
         return await self.app(scope, replay, send)
 
+    def refused_host(self, host_header: str) -> ApiError | None:
+        """A 400 unless the Host header names a host this server answers to: a web page whose domain
+        was re-pointed at 127.0.0.1 (DNS rebinding) sends its own name, and is refused here."""
+        allowed = self.settings.allowed_hosts
+        if allowed is None:
+            return None
+        try:
+            host = urllib.parse.urlsplit("//" + host_header).hostname or ""
+        except ValueError:  # e.g. an unclosed '[' of an IPv6 address
+            host = ""
+        if host in allowed:
+            return None
+        shown = host_header if len(host_header) <= 100 else host_header[:97] + "..."
+        return bad_request(f"the Host header {shown!r} is not a name this server answers to ({', '.join(allowed)}); "
+                           "its operator can add one with --allowed-hosts", "invalid_host")
+
 
 # -- the app --------------------------------------------------------------------------------------
 
@@ -305,8 +335,13 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
     chat_runner = ChatRunner(chat, settings.vision_cache_size) if chat is not None else None
     if chat is not None:
         workers["chat"] = Worker("chat", settings.max_queue, settings.batch_window_ms / 1000, settings.max_batch_size)
+    paint_budget = None
     if paint is not None:
         workers["paint"] = Worker("paint", settings.max_queue)
+        if hasattr(paint, "model"):  # a VisCPMPaint: price its UNet calls now (milliseconds to seconds)
+            paint_budget = PaintBudget.measure(paint)
+            logger.info("paint: at most %d pixels a side; one UNet call on one latent at %dx%d takes %.3f s",
+                        paint_budget.max_side, *paint_budget.native[::-1], paint_budget.seconds_per_sample)
     static = {name: _static(name) for name in STATIC_FILES}
 
     @contextlib.asynccontextmanager
@@ -318,7 +353,7 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
     # no /docs: Swagger UI loads its scripts from a CDN, and the server must work offline
     app = FastAPI(title="viscpm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API over VisCPM-Chat and VisCPM-Paint.")
-    app.state.settings, app.state.workers = settings, workers
+    app.state.settings, app.state.workers, app.state.paint_budget = settings, workers, paint_budget
 
     @app.exception_handler(ApiError)
     async def _api_error(request, error: ApiError):
@@ -419,9 +454,10 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
             raise bad_request(f"{len(body.messages)} messages; this server takes at most {settings.max_messages}",
                               "too_many_messages", "messages")
         turn = to_turn(body.messages)
-        if turn.text_chars > settings.max_text_chars:
-            raise bad_request(f"the conversation has {turn.text_chars:,} characters; this server takes at most "
-                              f"{settings.max_text_chars:,}", "prompt_too_long", "messages")
+        chars = turn.text_chars + sum(map(len, stop_strings(body)))
+        if chars > settings.max_text_chars:
+            raise bad_request(f"the conversation and stop strings have {chars:,} characters; this server takes at "
+                              f"most {settings.max_text_chars:,}", "prompt_too_long", "messages")
         options = chat_options(body, settings)
         try:  # check the options now, so a bad one is a 400 before any work is queued
             generation_config(**options)
@@ -516,22 +552,59 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
         if chars > settings.max_text_chars:
             raise bad_request(f"the prompt has {chars:,} characters; this server takes at most "
                               f"{settings.max_text_chars:,}", "prompt_too_long", "prompt")
-        options = paint_options(body, settings) | edit
-        options.update(passthrough_options(paint.paint, body.model_extra, PAINT_RESERVED, settings.allow_safety_off))
-        job = Job(lambda jobs: run_paint(paint, jobs), PaintWork(body.prompt, body.negative_prompt, options),
+        options = paint_options(body, settings)
+        extras = passthrough_options(paint.paint, body.model_extra, PAINT_RESERVED, settings.allow_safety_off)
+        seconds = None if paint_budget is None else \
+            check_paint_request(paint_budget, paint, options, extras, settings.request_timeout)
+        job = Job(lambda jobs: run_paint(paint, jobs, paint_budget),
+                  PaintWork(body.prompt, body.negative_prompt, {**options, **extras, **edit}, seconds,
+                            progress=body.stream),
                   start + settings.request_timeout, asyncio.get_running_loop())
         submit("paint", job)
-        try:
-            _, results = await next_event(job, request)
-        finally:
+
+        def described(results) -> tuple[list[dict], str]:
+            # extensions per image: its seed (paint it again alone with it) and the image checker's verdict
+            data = [{"b64_json": encoded, "seed": result.seed, "flagged": getattr(result, "flagged", False),
+                     "flag_reason": getattr(result, "flag_reason", None)} for encoded, result in results]
+            width, height = results[0][1].image.size if results else (0, 0)
+            return data, f"{width}x{height}"
+
+        if not body.stream:
+            try:
+                _, results = await next_event(job, request)
+            finally:
+                job.cancel()
+            data, size = described(results)
+            return {"created": int(time.time()), "model": model, "output_format": "png", "size": size,
+                    "data": [{**item, "revised_prompt": None} for item in data]}
+
+        try:  # wait for the first step, so errors before any progress (refused prompt, timeout) keep their status
+            first = await next_event(job, request)
+        except BaseException:
             job.cancel()
-        # extensions per image: its seed (paint it again alone with it) and the image checker's verdict
-        data = [{"b64_json": encoded, "revised_prompt": None, "seed": result.seed,
-                 "flagged": getattr(result, "flagged", False), "flag_reason": getattr(result, "flag_reason", None)}
-                for encoded, result in results]
-        width, height = results[0][1].image.size if results else (0, 0)
-        return {"created": int(time.time()), "model": model, "data": data, "output_format": "png",
-                "size": f"{width}x{height}"}
+            raise
+
+        def event(kind: str, payload: dict) -> str:  # OpenAI's image stream: typed events; progress is ours
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload}, ensure_ascii=False)}\n\n"
+
+        async def events():
+            try:
+                kind, value = first
+                while kind == "progress":
+                    step, steps = value
+                    yield event("image_generation.progress", {"step": step, "num_steps": steps})
+                    kind, value = await next_event(job, None)  # a client that leaves cancels this generator
+                data, size = described(value)
+                for index, item in enumerate(data):
+                    yield event("image_generation.completed", {**item, "image_index": index, "size": size,
+                                                               "output_format": "png", "created_at": int(time.time())})
+            except ApiError as error:  # after the headers: the error travels as an event
+                yield event("error", error.body())
+            finally:
+                job.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # -- the page ---------------------------------------------------------------------------------
 
@@ -546,4 +619,5 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
         return Response(static[name], media_type=f"{STATIC_FILES[name]}; charset=utf-8", headers=PAGE_HEADERS)
 
     app.add_middleware(RequestGuard, settings=settings)
+    app.add_middleware(AccessLog)  # added last, so outermost: the guard's refusals are logged too
     return app

@@ -7,7 +7,8 @@ one anywhere in the conversation: a new image mid-conversation replaces the old 
 history is kept. Conversations without any image are text-only chats.
 
 Choices where the API and VisCPM differ:
-* ``system`` / ``developer`` messages are accepted and ignored: VisCPM has no system prompt.
+* ``system`` / ``developer`` messages are accepted and ignored: VisCPM has no system prompt (their
+  text still counts toward the request's size limit).
 * Consecutive user messages are joined with a newline into one turn (likewise assistant ones).
 * One image per message at most: VisCPM reads one image per conversation.
 """
@@ -46,10 +47,10 @@ def to_turn(messages: list[Message]) -> Turn:
     answers: list[str] = []  # assistant texts not yet paired with a question
     last_role = None
     for index, message in enumerate(messages):
-        if message.role in ("system", "developer"):
-            continue
         text, images = _split(message, index)
         chars += len(text)
+        if message.role in ("system", "developer"):
+            continue
         if message.role == "assistant":
             if images:
                 raise bad_request(f"messages[{index}] is an assistant message with an image; only user messages "

@@ -1,8 +1,10 @@
 """Images in and out of the API: ``image_url`` parts -> checked RGB images; painted images -> PNG.
 
 Accepted image URLs: ``data:`` URLs (``data:image/png;base64,...``) and bare base64. ``http(s)://``
-only when the server enables remote images; ``file://`` and every other scheme never (a server
-must not read its own disk on a client's behalf). Sizes are checked before anything is decoded:
+only when the server enables remote images, and then only from public addresses (checked after DNS
+resolution and at every redirect), within one deadline and byte limit for the whole fetch, with one
+error text for every failure; ``file://`` and every other scheme never (a server must not read its
+own disk on a client's behalf). Sizes are checked before anything is decoded:
 the base64 length, the decoded bytes, then width x height from the image header, so a
 decompression bomb is refused without being expanded.
 """
@@ -10,34 +12,44 @@ from __future__ import annotations
 
 import base64
 import binascii
+import concurrent.futures
+import contextlib
 import hashlib
+import http.client
 import io
+import ipaddress
 import json
+import logging
 import re
-import urllib.error
+import socket
+import threading
+import time
 import urllib.parse
-import urllib.request
-import warnings
 from dataclasses import dataclass, fields
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..image_processing import ImageError, load_image
+from ..image_processing import ALLOWED_FORMATS_TEXT, ImageError, load_image, open_image
 from .errors import ApiError, bad_request
 from .settings import ServeSettings
 
-# what a client may send: PIL would also open formats no browser or API client sends (and some with
-# more attack surface, such as EPS through Ghostscript), so only these are tried
-UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+logger = logging.getLogger(__name__)
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 REMOTE_SCHEMES = ("http", "https")
+MAX_REDIRECTS = 3
 
 
 @dataclass(frozen=True)
 class DecodedImage:
     image: "Image.Image"  # RGB, decoded
     key: str  # sha256 of the encoded bytes: the vision-state cache key
+
+
+def _scheme_of(url: str) -> str | None:
+    match = _SCHEME.match(url.strip())
+    return match.group(1).lower() if match else None
 
 
 def too_large(message: str) -> ApiError:
@@ -50,8 +62,7 @@ def image_bytes(url: str, settings: ServeSettings) -> bytes:
     if not url:
         raise bad_request("the image_url is empty; send a data URL such as data:image/png;base64,...",
                           "invalid_image_url")
-    match = _SCHEME.match(url)
-    scheme = match.group(1).lower() if match else None
+    scheme = _scheme_of(url)
     if scheme is None:  # bare base64 (it cannot contain ':')
         return _base64(url, settings)
     if scheme == "data":
@@ -86,63 +97,145 @@ def _base64(text: str, settings: ServeSettings) -> bytes:
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        try:  # the URL-safe alphabet, which some clients use
-            data = base64.urlsafe_b64decode(text.encode("ascii"))
-        except (binascii.Error, ValueError, UnicodeEncodeError):
-            raise bad_request("the image is not valid base64", "invalid_image") from None
+        try:  # the URL-safe alphabet, which some clients use; validated too, so that garbage is not
+            # silently dropped (it decoded to 0 bytes and was reported as an empty image)
+            data = base64.b64decode(text, altchars=b"-_", validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_request("the image is not valid base64; send the image's bytes base64-encoded "
+                              "(data:image/png;base64,...)", "invalid_image") from None
     if not data:
         raise bad_request("the image is empty (0 bytes)", "invalid_image")
     return data
 
 
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if urllib.parse.urlsplit(newurl).scheme.lower() not in REMOTE_SCHEMES:
-            raise bad_request(f"the image URL redirects to a non-http(s) URL: {newurl}", "unsupported_image_url")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+def fetch_failed(settings: ServeSettings) -> ApiError:
+    """The one answer to every failed fetch. Saying which step failed (refused, timed out, not an
+    image) would let a client map the hosts and ports the server can reach; the log has the cause."""
+    return bad_request(
+        "the image URL could not be used: its host is not reachable or not allowed (public http(s) hosts only), "
+        f"or it did not send a {ALLOWED_FORMATS_TEXT} image of at most {settings.max_image_bytes:,} bytes within "
+        f"{settings.remote_image_timeout:g} s; send the image inline as a data URL (data:image/png;base64,...)",
+        "image_fetch_failed")
+
+
+class _FetchError(Exception):
+    """Why a fetch failed, for the log only (the client gets ``fetch_failed``)."""
+
+
+def _allowed_address(address: str, settings: ServeSettings) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # without an IPv6 zone
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if any(ip in ipaddress.ip_network(network) for network in settings.allowed_image_networks):
+        return True
+    return ip.is_global and not ip.is_multicast
+
+
+def _resolve(host: str, port: int, settings: ServeSettings, deadline: float) -> str:
+    """The address to connect to: every address ``host`` resolves to must be allowed (a name that
+    also resolves to 127.0.0.1 is refused), checked after resolution so names and spellings such as
+    0x7f000001 cannot hide a loopback or private address."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # getaddrinfo takes no timeout: wait for it on the side
+    lookup = pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    pool.shutdown(wait=False)  # a stuck lookup ends with the resolver's own timeout, unwaited
+    try:
+        addresses = [info[4][0] for info in lookup.result(timeout=max(0.0, deadline - time.monotonic()))]
+    except concurrent.futures.TimeoutError:
+        raise _FetchError(f"resolving {host} took too long") from None
+    refused = [a for a in addresses if not _allowed_address(a, settings)]
+    if refused or not addresses:
+        raise _FetchError(f"{host} resolves to {refused or 'nothing'}, which is not a public address")
+    return addresses[0]
+
+
+def _get(url: str, settings: ServeSettings, deadline: float) -> bytes | str:
+    """One GET of ``url``, connected to an allowed address only; returns the body, or the URL a
+    redirect points to. Everything, headers included, ends at ``deadline``."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in REMOTE_SCHEMES or not parts.hostname:
+        raise _FetchError(f"not an http(s) URL: {url}")
+    port = parts.port or (443 if scheme == "https" else 80)
+    address = _resolve(parts.hostname, port, settings, deadline)
+    kind = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname, port, timeout=max(0.001, deadline - time.monotonic()))
+    # connect to the address checked above, not to a second lookup of the name (which DNS could
+    # answer differently); TLS still checks the certificate against the host name
+    connection._create_connection = lambda _, *args: socket.create_connection((address, port), *args)
+    # a server that trickles a byte at a time never trips a per-read timeout: cut the socket at the deadline
+    opened: list = []  # the connected socket: http.client lets go of it once the response owns it
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()),
+                               lambda: _cut(opened[0] if opened else connection.sock))
+    watchdog.start()
+    try:
+        path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        connection.request("GET", path, headers={"User-Agent": "viscpm-serve", "Accept": "image/*"})
+        opened.append(connection.sock)
+        response = connection.getresponse()
+        if response.status in (301, 302, 303, 307, 308):
+            return urllib.parse.urljoin(url, response.getheader("Location", ""))
+        if response.status != 200:
+            raise _FetchError(f"HTTP {response.status}")
+        chunks, size = [], 0
+        while chunk := response.read1(65536):
+            size += len(chunk)
+            if size > settings.max_image_bytes:
+                raise _FetchError(f"more than {settings.max_image_bytes:,} bytes")
+            chunks.append(chunk)
+        if time.monotonic() >= deadline:
+            raise _FetchError(f"slower than {settings.remote_image_timeout:g} s")
+        return b"".join(chunks)
+    finally:
+        watchdog.cancel()
+        connection.close()
+
+
+def _cut(sock: socket.socket | None) -> None:
+    with contextlib.suppress(OSError, AttributeError):  # already closed, or not yet connected
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _fetch(url: str, settings: ServeSettings) -> bytes:
-    opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(), _HttpOnlyRedirects(),
-                    urllib.request.HTTPErrorProcessor(), urllib.request.HTTPDefaultErrorHandler()):
-        opener.add_handler(handler)
-    request = urllib.request.Request(url, headers={"User-Agent": "viscpm-serve"})
+    deadline = time.monotonic() + settings.remote_image_timeout
     try:
-        with opener.open(request, timeout=settings.remote_image_timeout) as response:
-            data = response.read(settings.max_image_bytes + 1)
-    except ApiError:
-        raise
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        raise bad_request(f"could not fetch the image at {url}: {error}", "image_fetch_failed") from None
-    _check_bytes(len(data), settings)
-    if not data:
-        raise bad_request(f"the image at {url} is empty", "invalid_image")
-    return data
+        for _ in range(MAX_REDIRECTS + 1):
+            got = _get(url, settings, deadline)
+            if isinstance(got, bytes):
+                if not got:
+                    raise _FetchError("an empty body")
+                return got
+            url = got  # a redirect: checked again, address included
+        raise _FetchError(f"more than {MAX_REDIRECTS} redirects")
+    except (_FetchError, OSError, ValueError, http.client.HTTPException) as error:
+        logger.info("remote image %s not fetched: %s: %s", url, type(error).__name__, error)
+        raise fetch_failed(settings) from None
 
 
 def decode_image(url: str, settings: ServeSettings) -> DecodedImage:
     """An ``image_url`` -> a decoded RGB image. Raises ApiError 400 (unusable) or 413 (too large).
 
     Blocking (base64, maybe a download, PIL decoding): call it off the event loop."""
-    return decode_image_bytes(image_bytes(url, settings), settings)
-
-
-def _open_checked(data: bytes, settings: ServeSettings) -> "Image.Image":
-    """The image in ``data``, opened (not yet decoded) with its size checked."""
-    _check_bytes(len(data), settings)
-    if not data:
-        raise bad_request("the image is empty (0 bytes)", "invalid_image")
+    data = image_bytes(url, settings)
     try:
-        with warnings.catch_warnings():  # our own pixel limit below is the one that counts
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
-    except Image.DecompressionBombError:
-        raise too_large(f"the image is larger than {settings.max_image_pixels:,} pixels (a decompression bomb?); "
-                        "send a smaller image") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise bad_request("the image data is not a readable image (corrupt, truncated or an unknown format); "
-                          "send a PNG, JPEG, WebP or GIF", "invalid_image") from None
+        return decode_image_bytes(data, settings)
+    except ApiError as error:
+        if _scheme_of(url) in REMOTE_SCHEMES:
+            logger.info("remote image %s not used: %s", url, error.message)
+            raise fetch_failed(settings) from None  # one answer for every remote failure (see fetch_failed)
+        raise
+
+
+def _open_checked(data: bytes, settings: ServeSettings) -> Image.Image:
+    """The image in ``data``, opened (not yet decoded), its format and size checked."""
+    _check_bytes(len(data), settings)  # an upload's own bound (a data URL's was checked before decoding)
+    try:  # PNG, JPEG, WebP and GIF only, whatever the data URL's MIME type says
+        opened = open_image(io.BytesIO(data), "the image")
+    except ImageError as error:
+        if isinstance(error.__cause__, Image.DecompressionBombError):
+            raise too_large(f"the image is larger than {settings.max_image_pixels:,} pixels (a decompression "
+                            "bomb?); send a smaller image") from None
+        raise bad_request("the image data is not a readable image (corrupt, truncated or not a "
+                          f"{ALLOWED_FORMATS_TEXT}); send a PNG, JPEG, WebP or GIF", "invalid_image") from None
     width, height = opened.size
     if width * height > settings.max_image_pixels:
         raise too_large(f"the image is {width}x{height} = {width * height:,} pixels, above this server's limit "
@@ -151,7 +244,7 @@ def _open_checked(data: bytes, settings: ServeSettings) -> "Image.Image":
 
 
 def decode_image_bytes(data: bytes, settings: ServeSettings) -> DecodedImage:
-    """Encoded image bytes (an upload, a data URL's payload) -> a decoded RGB image; 400/413 as above."""
+    """Encoded image bytes (a data URL's payload, an upload) -> a decoded RGB image; 400/413 as above."""
     opened = _open_checked(data, settings)
     try:
         image = load_image(opened, max_pixels=settings.max_image_pixels)  # decodes; corrupt data fails here
@@ -160,7 +253,7 @@ def decode_image_bytes(data: bytes, settings: ServeSettings) -> DecodedImage:
     return DecodedImage(image, hashlib.sha256(data).hexdigest())
 
 
-def decode_mask_bytes(data: bytes, settings: ServeSettings) -> "Image.Image":
+def decode_mask_bytes(data: bytes, settings: ServeSettings) -> Image.Image:
     """An inpainting mask -> a greyscale image where white marks what to repaint. A mask with transparent
     pixels follows OpenAI's convention (fully transparent = edit); an opaque one, diffusers' (white = edit)."""
     opened = _open_checked(data, settings)

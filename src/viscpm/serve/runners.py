@@ -6,13 +6,17 @@ thread (see ``worker.py``) and report through ``Job.put``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from ..generation import GenerationCancelled
+from .errors import ApiError
 from .images import DecodedImage, png_base64
+from .paint_budget import REFUSE_ABOVE
 from .worker import Job
 
 logger = logging.getLogger(__name__)
@@ -32,6 +36,8 @@ class PaintWork:
     prompt: str
     negative_prompt: str | None
     options: dict[str, Any]
+    seconds: float | None = None  # the estimated UNet time (see paint_budget), when the server has one
+    progress: bool = False  # report ("progress", (step, steps)) after every denoising step
 
 
 class ChatRunner:
@@ -154,13 +160,50 @@ class ChatRunner:
         job.put("done", None)
 
 
-def run_paint(paint, jobs: list[Job]) -> None:
+@contextlib.contextmanager
+def stopping_inside_calls(paint, should_stop):
+    """Check ``should_stop`` before every UNet and VAE-decoder block, not only between denoising
+    steps: one step of a large request (4 candidates x 2 for guidance) can take minutes."""
+
+    def check(module, args):
+        if should_stop():
+            raise GenerationCancelled(f"painting stopped inside a model call ({type(module).__name__}): the request "
+                                      "was cancelled")
+
+    model, vae = getattr(paint, "model", None), getattr(paint, "vae", None)
+    unet = getattr(model, "unet", None)
+    blocks = [*getattr(unet, "down_blocks", ()), getattr(unet, "mid_block", None), *getattr(unet, "up_blocks", ()),
+              *getattr(getattr(vae, "decoder", None), "up_blocks", ())]
+    handles = [block.register_forward_pre_hook(check) for block in blocks if block is not None]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_paint(paint, jobs: list[Job], budget=None) -> None:
+    """Paint one request; ``budget`` (a ``PaintBudget``) learns the time of its steps."""
     (job,) = jobs
     work: PaintWork = job.payload
+    left = job.deadline - time.monotonic()
+    if work.seconds is not None and work.seconds > REFUSE_ABOVE * left:
+        raise ApiError(504, f"this request waited until {max(left, 0):.0f} s of the server's time limit were left, "
+                       f"far less than the {work.seconds:.0f} s its painting takes, so it was not started; retry "
+                       "when the server is less busy", "timeout")
+    last_step = None
 
     def callback(step) -> None:  # called after every denoising step
+        nonlocal last_step
+        now = time.perf_counter()
+        if budget is not None and last_step is not None:  # the first step also encoded the prompt
+            budget.observe(tuple(step.model_input.shape), now - last_step)
+        last_step = now
         if job.should_stop():
             raise GenerationCancelled(f"painting stopped at step {step.index}: the request was cancelled")
+        if work.progress:
+            job.put("progress", (step.index + 1, step.num_steps))
 
-    results = paint.paint(work.prompt, work.negative_prompt, callback=callback, **work.options)
+    with stopping_inside_calls(paint, job.should_stop):
+        results = paint.paint(work.prompt, work.negative_prompt, callback=callback, **work.options)
     job.put("done", [(png_base64(result), result) for result in results])

@@ -9,7 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _utf8(text: str) -> str:
+    # JSON may carry a lone surrogate ("\\ud800"), which no UTF-8 output can hold: refuse it here,
+    # before a model works on it, rather than failing when the answer or the PNG is written
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"the text holds a lone surrogate at character {error.start}, which is not "
+                         "valid Unicode; send UTF-8 text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 
 
 class _Request(BaseModel):
@@ -22,7 +36,7 @@ class _Part(BaseModel):
 
 class TextPart(_Part):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageURL(_Part):
@@ -40,7 +54,7 @@ ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 class Message(_Part):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
 
 class StreamOptions(_Part):
@@ -57,7 +71,7 @@ class ChatCompletionRequest(_Request):
     temperature: float | None = Field(None, ge=0, le=2)  # 0: greedy; > 0: sampling
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     n: int = Field(1, ge=1)
     # -- VisCPM extensions
     num_beams: int | None = Field(None, ge=1)  # > 1: the official beam search (not streamable)
@@ -70,13 +84,14 @@ class ChatCompletionRequest(_Request):
 
 
 class ImageGenerationRequest(_Request):
-    prompt: str
+    prompt: Text
     model: str | None = None  # None: this server's paint model
     n: int = Field(1, ge=1)
     size: str | None = None  # "WIDTHxHEIGHT" or "auto"; None/auto: the model's own size
     response_format: Literal["b64_json", "url"] | None = None  # only b64_json is served
+    stream: bool = False  # server-sent events: a progress event per denoising step, then one per image
     # -- VisCPM extensions
-    negative_prompt: str | None = None
+    negative_prompt: Text | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, le=100)

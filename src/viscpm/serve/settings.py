@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 # -- requests --------------------------------------------------------------------------------
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # whole HTTP body; larger -> 413 before it is read
-MAX_TEXT_CHARS = 16_000  # all text of one request (messages or prompt + negative prompt) -> 400
+MAX_TEXT_CHARS = 16_000  # all text of one request (every message, stop strings; or prompt + negative) -> 400
 MAX_MESSAGES = 64  # messages in one chat request -> 400
 MAX_STOP_STRINGS = 4  # as in OpenAI's API
 # -- images sent to chat ---------------------------------------------------------------------
 MAX_IMAGE_BYTES = 10 * 1024 * 1024  # one image, after base64 decoding -> 413
 MAX_IMAGE_PIXELS = 4096 * 4096  # width x height read from the header, before decoding -> 413
-REMOTE_IMAGE_TIMEOUT_S = 10.0  # fetching an http(s) image, when remote images are enabled
+REMOTE_IMAGE_TIMEOUT_S = 10.0  # fetching an http(s) image (all of it), when remote images are enabled
 # -- generation ------------------------------------------------------------------------------
 DEFAULT_MAX_NEW_TOKENS = 256  # when a chat request names no max_tokens
 MAX_NEW_TOKENS = 1024  # the largest max_tokens a chat request may ask for -> 400
@@ -32,14 +32,21 @@ MAX_BATCH_SIZE = 8  # chat requests decoded together
 VISION_CACHE_SIZE = 16  # encoded images kept, so a multi-turn chat does not re-encode its image
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+# Host header names answered by default (the bound address is added by `viscpm serve`); see
+# ServeSettings.allowed_hosts
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "::1")
+WILDCARD_ADDRESSES = {"0.0.0.0", "::", ""}
 
 
 @dataclass(frozen=True)
 class ServeSettings:
     """What a server allows. ``api_key``: when set, every ``/v1`` request must send
-    ``Authorization: Bearer <api_key>``."""
+    ``Authorization: Bearer <api_key>``. ``allowed_hosts``: the host names (lower case, IPv6
+    without brackets) a request's ``Host`` header may name, against DNS rebinding; None answers
+    any (see :func:`allowed_hosts_for`)."""
 
     api_key: str | None = None
+    allowed_hosts: tuple[str, ...] | None = DEFAULT_ALLOWED_HOSTS
     chat_model_name: str = "viscpm-chat"
     paint_model_name: str = "viscpm-paint"
     max_request_bytes: int = MAX_REQUEST_BYTES
@@ -49,7 +56,10 @@ class ServeSettings:
     max_image_pixels: int = MAX_IMAGE_PIXELS
     allow_remote_images: bool = False  # http(s) image URLs; file:// and other schemes never
     allow_safety_off: bool = False  # may a request turn a safety checker off ("..._safety_checker": false)?
-    remote_image_timeout: float = REMOTE_IMAGE_TIMEOUT_S
+    remote_image_timeout: float = REMOTE_IMAGE_TIMEOUT_S  # the whole fetch, redirects included
+    # networks remote images may come from besides public addresses (e.g. "10.0.0.0/8" for an
+    # intranet); loopback, private, link-local and other special addresses are refused otherwise
+    allowed_image_networks: tuple[str, ...] = ()
     default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_new_tokens: int = MAX_NEW_TOKENS
     max_beams: int = MAX_BEAMS
@@ -74,6 +84,8 @@ class ServeSettings:
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError(f"default_max_new_tokens ({self.default_max_new_tokens}) is above max_new_tokens "
                              f"({self.max_new_tokens})")
+        for network in self.allowed_image_networks:
+            ipaddress.ip_network(network)  # a ValueError names a malformed one
         if not self.request_timeout > 0:
             raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
 
@@ -86,6 +98,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a host name: it may resolve to anything
         return False
+
+
+def allowed_hosts_for(bound: str, extra: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The Host names a server bound to ``bound`` answers: the loopback names, the bound address
+    and ``extra``. A wildcard address (0.0.0.0, ::) is reached by names this machine cannot know,
+    so it answers any unless ``extra`` lists them; its API key protects it (see check_binding).
+    ``"*"`` in ``extra`` answers any."""
+    if "*" in extra or (bound.strip("[]") in WILDCARD_ADDRESSES and not extra):
+        return None
+    names = [*DEFAULT_ALLOWED_HOSTS, bound, *extra]
+    return tuple(dict.fromkeys(name.strip("[]").lower() for name in names if name.strip("[]") not in WILDCARD_ADDRESSES))
 
 
 def check_binding(host: str, api_key: str | None) -> None:

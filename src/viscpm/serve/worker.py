@@ -31,6 +31,14 @@ class QueueFull(Exception):
     pass
 
 
+def is_request_error(error: BaseException) -> bool:
+    """Errors that are a request's own outcome, not a fault of the server: cancellation and time-outs,
+    the pipelines' input errors (ValueError, which safety refusals are too) and the server's 4xx."""
+    if isinstance(error, ApiError):
+        return error.status < 500 or error.code == "timeout"
+    return isinstance(error, (GenerationCancelled, ValueError))
+
+
 @dataclass(eq=False)
 class Job:
     """One request's work. ``execute(jobs)`` runs a batch of jobs that share ``batch_key`` (a single
@@ -130,8 +138,8 @@ class Worker:
                     self.largest_batch = max(self.largest_batch, len(live))
                     live[0].execute(live)
             except Exception as error:  # reported to the requests; the worker goes on
-                if isinstance(error, GenerationCancelled):
-                    logger.info("%s worker: %s", self.name, error)
+                if is_request_error(error):  # answered with its own status: no traceback
+                    logger.info("%s worker: %s: %s", self.name, type(error).__name__, error)
                 else:
                     logger.exception("%s worker: a batch of %d failed", self.name, len(live))
                 for j in live:

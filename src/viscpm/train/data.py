@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..image_processing import load_image
+from ..image_processing import load_image, open_image
 
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")  # the formats image_processing opens
 
 
 class BadRecord(ValueError):
@@ -69,7 +69,7 @@ class Record:
                 if not self.image.is_file():
                     raise BadRecord("missing image", str(self.image))
                 return load_image(self.image)
-            return load_image(Image.open(io.BytesIO(self.image_bytes())))
+            return load_image(open_image(io.BytesIO(self.image_bytes()), f"{self.image[0]} at byte {self.image[1]}"))
         except BadRecord:
             raise
         except (ValueError, OSError) as error:  # ImageError, PIL's UnidentifiedImageError

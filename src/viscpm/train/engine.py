@@ -9,38 +9,41 @@ Exactness, which the tests check:
 * each process's loss is its *sum* over tokens (or samples) divided by the count over the whole
   global batch, times the number of processes (DDP averages gradients), so N processes compute the
   same gradient as one;
-* checkpoints hold weights (safetensors), optimizer, scheduler and RNG states (accelerate's
-  ``save_state``) plus the step; they are written to ``step-N.tmp`` and renamed when complete, so
-  a run killed mid-save resumes from the last complete checkpoint.
+* checkpoints hold weights, optimizer, scheduler and RNG states plus the step, in safetensors and
+  JSON (never pickle: ``state.py``); they are written to ``step-N.tmp`` and renamed when complete,
+  so a run killed mid-save resumes from the last complete checkpoint;
+* each checkpoint records the run's fingerprint: a new run refuses a directory that holds another
+  one (unless ``overwrite``), ``resume`` refuses another run's checkpoint.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoints import describe_write_error
 from ..models.cpmbee import CPMBee
 from .config import TrainConfig, TrainSection
 from .data import BadRecord, GlobalBatches, shard_for_process
+from .state import (CHECKPOINTS, TrainerState, TrainingStateError, check_output_dir, latest_checkpoint,
+                    load_training_state, replace_checkpoint, rotate_checkpoints, run_fingerprint,
+                    save_training_state, start_run)
 
 logger = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
-CHECKPOINTS = "checkpoints"
-STATE_NAME = "trainer_state.json"
 KEEP_CHECKPOINTS = 2
 MIN_RECORDS_BEFORE_SKIP_CHECK = 50  # a bad record early on must not stop a run by itself
 
@@ -63,21 +66,6 @@ class Recipe:
     loss: Callable[[nn.Module, Any], torch.Tensor]
     save: Callable[[nn.Module, Path], None]
     malformed: int = 0  # records already dropped while reading the files
-
-
-@dataclass
-class TrainerState:
-    step: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    seen: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps({"step": self.step, "skipped": dict(self.skipped), "seen": self.seen})
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainerState":
-        data = json.loads(text)
-        return cls(data["step"], Counter(data["skipped"]), data["seen"])
 
 
 def parameter_report(model: nn.Module) -> str:
@@ -110,28 +98,23 @@ def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    folder = output_dir / CHECKPOINTS
-    complete = sorted(p for p in folder.glob("step-*") if not p.name.endswith(".tmp") and (p / STATE_NAME).is_file())
-    return complete[-1] if complete else None
-
-
-def _save_checkpoint(accelerator, output_dir: Path, state: TrainerState) -> None:
+def _save_checkpoint(accelerator, output_dir: Path, model, optimizer, scheduler, state: TrainerState) -> None:
     folder = output_dir / CHECKPOINTS
     final = folder / f"step-{state.step:08d}"
     tmp = folder / f"step-{state.step:08d}.tmp"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        save_training_state(tmp, accelerator, model, optimizer, scheduler, state)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint must not take up the space left
+        raise TrainingStateError(f"cannot save the checkpoint {final}: {describe_write_error(error)}; the last "
+                                 f"complete checkpoint is kept, continue with --resume") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_NAME).write_text(state.to_json())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(p for p in folder.glob("step-*") if not p.name.endswith(".tmp"))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old)
+        replace_checkpoint(tmp, final)
+        rotate_checkpoints(output_dir, state.run, KEEP_CHECKPOINTS)
     accelerator.wait_for_everyone()
 
 
@@ -155,8 +138,12 @@ def parameter_groups(model: nn.Module, t: TrainSection) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def train(recipe: Recipe, config: TrainConfig, resume: bool = False) -> TrainerState:
-    """Run ``recipe`` to ``config.train.max_steps``; returns the final trainer state."""
+def train(recipe: Recipe, config: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainerState:
+    """Run ``recipe`` to ``config.train.max_steps``; returns the final trainer state.
+
+    ``resume`` continues the run in ``output_dir`` from its last complete checkpoint (it must be
+    the same run: same stage, settings and data); ``overwrite`` replaces the run there. Without
+    either, ``output_dir`` must be empty or absent."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -165,8 +152,12 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = False) -> TrainerS
     world, rank = accelerator.num_processes, accelerator.process_index
     set_seed(t.seed)
     output_dir = t.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = output_dir / METRICS_NAME
+    fingerprint = run_fingerprint(recipe.name, config)
+    checkpoint = check_output_dir(output_dir, fingerprint, resume=resume, overwrite=overwrite)
+    if resume and checkpoint is None:
+        logger.warning("--resume: no complete checkpoint in %s; starting from step 0", output_dir / CHECKPOINTS)
+    accelerator.wait_for_everyone()  # every process has checked before the main one writes
 
     model = recipe.model
     logger.info("stage %s — parameters:\n%s", recipe.name, parameter_report(model))
@@ -175,25 +166,19 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = False) -> TrainerS
     if not trainable:
         raise ValueError(f"stage {recipe.name} has no trainable parameters")
     optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+    # not prepared: accelerate would step it once per process; our steps are global steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     model, optimizer = accelerator.prepare(model, optimizer)
-    # not prepared: accelerate would step it once per process; our steps are global steps
-    accelerator.register_for_checkpointing(scheduler)
 
-    state = TrainerState()
-    if resume:
-        checkpoint = latest_checkpoint(output_dir)
-        if checkpoint is None:
-            logger.warning("--resume: no complete checkpoint in %s; starting from step 0", output_dir / CHECKPOINTS)
-        else:
-            accelerator.load_state(str(checkpoint))
-            state = TrainerState.from_json((checkpoint / STATE_NAME).read_text())
-            logger.info("resumed from %s (step %d)", checkpoint, state.step)
-    elif accelerator.is_main_process and metrics_path.exists():
-        metrics_path.unlink()
+    state = TrainerState(run=fingerprint)
+    if checkpoint is not None:
+        state = load_training_state(checkpoint, accelerator, model, optimizer, scheduler)
+        logger.info("resumed from %s (step %d)", checkpoint, state.step)
     if accelerator.is_main_process:
+        start_run(output_dir, fingerprint, overwrite=overwrite)
         _truncate_metrics(metrics_path, state.step)
         (output_dir / "train_config.json").write_text(json.dumps(_plain(config), indent=2, ensure_ascii=False))
+    accelerator.wait_for_everyone()
 
     batches = GlobalBatches(len(recipe.examples), t.batch_size, t.seed)
     micro = t.micro_batch_size or math.ceil(t.batch_size / world)
@@ -250,7 +235,7 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = False) -> TrainerS
             started, count_since, items_since = time.perf_counter(), 0, 0
         progress.update(1)
         if state.step % t.save_every == 0 and state.step < t.max_steps:
-            _save_checkpoint(accelerator, output_dir, state)
+            _save_checkpoint(accelerator, output_dir, model, optimizer, scheduler, state)
     progress.close()
 
     accelerator.wait_for_everyone()

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { messages: [], image: null, imagePending: false, busy: false, abort: null, models: {} };
+const state = { messages: [], image: null, imagePending: false, busy: false, abort: null, models: {}, painting: null };
 
 // -- helpers --------------------------------------------------------------------------------------
 
@@ -225,10 +225,39 @@ function figureFor(item, prompt) {
   return figure;
 }
 
+// The bar is indeterminate until the server reports the first denoising step (the request may wait
+// in the queue, and the prompt is encoded first); the elapsed time runs throughout.
+function showPaintProgress(job) {
+  const seconds = Math.floor((performance.now() - job.started) / 1000);
+  const bar = $("paint-bar");
+  let text;
+  if (job.step === null) {
+    bar.removeAttribute("value");
+    text = "starting 准备中";
+  } else {
+    bar.max = job.steps;
+    bar.value = job.step;
+    text = job.step < job.steps ? `step 步 ${job.step}/${job.steps}`
+                                : `step 步 ${job.steps}/${job.steps}: decoding, checking 解码与检查`;
+  }
+  $("paint-progress-text").textContent = `${text} · ${seconds} s`;
+}
+
+function setPainting(job) {
+  state.painting = job;
+  $("paint-go").disabled = job !== null;
+  $("paint-stop").hidden = job === null;
+  $("paint-progress").hidden = job === null;
+}
+
+// Stop closes the stream, which cancels the painting on the server at its next step.
+$("paint-stop").addEventListener("click", () => state.painting && state.painting.abort.abort());
+
 $("paint-form").addEventListener("submit", async (event) => {
   event.preventDefault();
+  if (state.painting) return;
   const prompt = $("paint-prompt").value;
-  const request = { prompt, n: numberOrNull("paint-n") || 1, response_format: "b64_json",
+  const request = { prompt, n: numberOrNull("paint-n") || 1, response_format: "b64_json", stream: true,
                     size: $("paint-size").value.trim() || "auto", scheduler: $("paint-scheduler").value };
   const negative = $("paint-negative").value.trim();
   if (negative) request.negative_prompt = negative;
@@ -237,26 +266,47 @@ $("paint-form").addEventListener("submit", async (event) => {
     const value = numberOrNull(id);
     if (value !== null) request[field] = value;
   }
-  $("paint-go").disabled = true;
+  const job = { abort: new AbortController(), started: performance.now(), step: null, steps: null };
+  setPainting(job);
+  showPaintProgress(job);
+  const clock = setInterval(() => showPaintProgress(job), 500);
   setStatus("painting… 绘制中…");
   try {
     // an image to edit goes as OpenAI's multipart form (edit.js); the browser sets its Content-Type
     const { "Content-Type": _, ...auth } = headers();
     const response = window.paintEdit.active()
-      ? await fetch("/v1/images/edits", { method: "POST", headers: auth, body: await window.paintEdit.form(request) })
-      : await fetch("/v1/images/generations", { method: "POST", headers: headers(), body: JSON.stringify(request) });
+      ? await fetch("/v1/images/edits", { method: "POST", headers: auth, body: await window.paintEdit.form(request),
+                                          signal: job.abort.signal })
+      : await fetch("/v1/images/generations", {
+        method: "POST", headers: headers(), body: JSON.stringify(request), signal: job.abort.signal });
     if (!response.ok) throw new Error(await errorText(response));
-    const body = await response.json();
-    $("gallery").prepend(...body.data.map((item) => figureFor(item, prompt)));  // newest call first
+    const images = [];
+    await readEvents(response, (data) => {
+      if (data.error) throw new Error(data.error.message);
+      if (data.type === "image_generation.progress") {
+        job.step = data.step;
+        job.steps = data.num_steps;
+        showPaintProgress(job);
+      } else if (data.type === "image_generation.completed") {
+        images.push(data);
+      }
+    });
+    if (images.length === 0) throw new Error("the server sent no image 服务器未返回图片");
+    $("gallery").prepend(...images.map((item) => figureFor(item, prompt)));  // newest call first
     setStatus("");
   } catch (error) {
-    const figure = document.createElement("figure");
-    figure.className = "error";
-    figure.textContent = String(error.message || error);
-    $("gallery").prepend(figure);
-    setStatus("error 出错", true);
+    if (error.name === "AbortError") {
+      setStatus("stopped 已停止");
+    } else {
+      const figure = document.createElement("figure");
+      figure.className = "error";
+      figure.textContent = String(error.message || error);
+      $("gallery").prepend(figure);
+      setStatus("error 出错", true);
+    }
   } finally {
-    $("paint-go").disabled = false;
+    clearInterval(clock);
+    setPainting(null);
   }
 });
 

@@ -1,0 +1,148 @@
+"""Bad checkpoints and configs fail with a CheckpointError that names the problem, before any big
+allocation: wrong field types, absurd sizes, shard paths outside the folder, a full disk on save."""
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from viscpm import checkpoints
+from viscpm.checkpoints import CONFIG_NAME, INDEX_NAME, CheckpointError, load_weights, save_folder
+from viscpm.models.beit3 import BEiT3Config
+from viscpm.models.chat import CHAT_KEY_RULES, CHAT_PRESETS, ChatConfig, ChatModel
+from viscpm.models.cpmbee import CPMBeeConfig
+from viscpm.models.paint import PAINT_KEY_RULES, PAINT_PRESETS, BridgeConfig, PaintConfig, PaintModel
+
+LLM = CPMBeeConfig(vocab_size=64, dim_model=32, dim_ff=64, num_layers=2, num_heads=2, dim_head=16)
+UNET = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": [16, 32],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32, "attention_head_dim": [2, 4], "norm_num_groups": 8, "use_linear_projection": True,
+}
+KINDS = {
+    "chat": (ChatConfig(LLM, BEiT3Config(image_size=32, patch_size=16, dim=32, num_heads=2, ffn_dim=64, num_layers=1),
+                        query_num=4), ChatModel, CHAT_PRESETS, CHAT_KEY_RULES),
+    "paint": (PaintConfig(LLM, UNET, BridgeConfig(32, 32)), PaintModel, PAINT_PRESETS, PAINT_KEY_RULES),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_folders(tmp_path_factory) -> dict[str, Path]:
+    torch.manual_seed(0)
+    return {kind: save_folder(build(config), config, tmp_path_factory.mktemp(kind))
+            for kind, (config, build, _, _) in KINDS.items()}
+
+
+@pytest.fixture(params=sorted(KINDS))
+def saved(request, saved_folders) -> tuple[str, Path]:
+    return request.param, saved_folders[request.param]
+
+
+def load(kind: str, folder: Path):
+    config, build, presets, rules = KINDS[kind]
+    return load_weights(folder, None, config_from_dict=type(config).from_dict, presets=presets, build=build, rules=rules)
+
+
+def copy_with_config(folder: Path, tmp_path: Path, change) -> Path:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in folder.iterdir():
+        (copy / file.name).symlink_to(file)
+    (copy / CONFIG_NAME).unlink()
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    (copy / CONFIG_NAME).write_text(json.dumps(change(config)))
+    return copy
+
+
+def set_in(path: str, value):
+    def change(config):
+        *parents, last = path.split(".")
+        target = config
+        for key in parents:
+            target = target[key]
+        target[last] = value
+        return config
+    return change
+
+
+def test_the_saved_folder_loads(saved):
+    kind, folder = saved
+    model, config, _ = load(kind, folder)
+    assert config == KINDS[kind][0]
+
+
+@pytest.mark.parametrize("change, named", [
+    (set_in("llm.num_layers", "2"), r"llm.num_layers must be int, got str '2'"),
+    (set_in("llm.num_layers", True), r"llm.num_layers must be int, got bool"),
+    (set_in("llm.eps", "small"), r"llm.eps must be float, got str"),
+    (set_in("llm.vocab_size", 1e12), r"llm.vocab_size must be int, got float"),
+    (set_in("llm", "cpm-bee-10b"), r"llm must be a JSON object, got str"),
+    (lambda config: [config], r"must be a JSON object, got list"),
+])
+def test_wrong_types_in_config_name_the_field(saved, tmp_path, change, named):
+    kind, folder = saved
+    with pytest.raises(CheckpointError, match=named):
+        load(kind, copy_with_config(folder, tmp_path, change))
+
+
+@pytest.mark.parametrize("kind, path, value, named", [
+    ("chat", "query_num", "4", r"query_num must be int"),
+    ("chat", "vision.num_layers", [1], r"vision.num_layers must be int, got list"),
+    ("paint", "bridge.dim_out", "32", r"bridge.dim_out must be int"),
+    ("paint", "unet", ["sample_size"], r"unet must be dict, got list"),
+])
+def test_wrong_types_in_each_models_own_fields(saved_folders, tmp_path, kind, path, value, named):
+    with pytest.raises(CheckpointError, match=named):
+        load(kind, copy_with_config(saved_folders[kind], tmp_path, set_in(path, value)))
+
+
+@pytest.mark.parametrize("path, value, named", [
+    ("llm.num_layers", 200_000, r"llm.num_layers = 200000 cannot fit the checkpoint"),
+    ("llm.vocab_size", 10**12, r"mis-shaped keys .*1000000000000"),
+])
+def test_absurd_sizes_are_refused_before_building(saved, tmp_path, path, value, named):
+    kind, folder = saved
+    with pytest.raises(CheckpointError, match=named):
+        load(kind, copy_with_config(folder, tmp_path, set_in(path, value)))
+
+
+def test_absurd_unet_layers_are_refused(tmp_path, saved_folders):
+    with pytest.raises(CheckpointError, match=r"unet.layers_per_block = 100000 cannot fit"):
+        load("paint", copy_with_config(saved_folders["paint"], tmp_path, set_in("unet.layers_per_block", 100_000)))
+
+
+@pytest.mark.parametrize("outside", ["../outside/{name}", "/{root}/outside/{name}", "sub/../../outside/{name}"])
+def test_shard_paths_stay_inside_the_checkpoint_folder(saved, tmp_path, outside):
+    kind, folder = saved
+    config, build, _, _ = KINDS[kind]
+    sharded = save_folder(build(config), config, tmp_path / "sharded", max_shard_size=20_000)
+    index = json.loads((sharded / INDEX_NAME).read_text())
+    name = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "outside").mkdir()
+    (sharded / name).rename(tmp_path / "outside" / name)  # a real shard, just not in the folder
+    moved = outside.format(name=name, root=str(tmp_path).strip("/"))
+    index["weight_map"] = {k: moved if v == name else v for k, v in index["weight_map"].items()}
+    (sharded / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside its folder"):
+        load(kind, sharded)
+
+
+def test_a_full_disk_during_save_says_so_and_leaves_no_partial_file(saved, tmp_path, monkeypatch):
+    kind, folder = saved
+    config, build, _, _ = KINDS[kind]
+    target = save_folder(build(config), config, tmp_path / "model")
+    before = (target / "model.safetensors").read_bytes()
+
+    def disk_fills_up(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)  # part of the file got written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save_file", disk_fills_up)
+    with pytest.raises(CheckpointError, match="disk is full.*free some disk space"):
+        save_folder(build(config), config, target)
+    assert not list(target.glob("*.tmp"))
+    assert (target / "model.safetensors").read_bytes() == before  # the previous save is intact
