@@ -29,9 +29,10 @@ QUANT_MODES = ("int8", "int4")
 COMPUTE_DTYPE = torch.bfloat16  # the packed CPU kernels are fast with bf16 activations only
 INT4_GROUP_SIZES = (128, 64, 32)  # largest group that divides the input width is used
 # The int8 kernel is a matrix-vector kernel: its time grows with every row, and beyond ~16 rows
-# (prefill, the vision encoder) widening the weight once and calling a GEMM is faster.
+# (prefill, the vision encoder) dequantizing blocks of the weight for a bf16 GEMM is faster.
 INT8_KERNEL_MAX_ROWS = 16
 QUANT_BLOCK_ROWS = 256  # rows quantized at a time
+INT8_WIDEN_BLOCK_ELEMENTS = 1 << 19  # weights widened at a time for a GEMM: 1-2 MB, stays in cache
 
 
 def _output_scale(linear: nn.Linear) -> float:
@@ -47,7 +48,7 @@ def _float_rows(weight: torch.Tensor, factor: float = 1.0):
 
 
 class _QuantizedLinear(nn.Module):
-    """Shared plumbing: flatten leading dims, run the packed kernel in bf16, add the bias, cast back."""
+    """Shared plumbing: flatten leading dims, run the matmul, add the bias, cast back."""
 
     # scales live in buffers that a later ``model.to(dtype)`` may cast; the kernels want bf16,
     # hence the ``.to(COMPUTE_DTYPE)`` in each matmul (a no-op when nothing was cast)
@@ -61,8 +62,7 @@ class _QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        out = self.matmul(rows).to(x.dtype)
+        out = self.matmul(x.reshape(-1, self.in_features)).to(x.dtype)
         if self.bias is not None:  # added in the activations' dtype, whatever the buffer was cast to
             out = out + self.bias.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
@@ -96,10 +96,29 @@ class Int8Linear(_QuantizedLinear):
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (rows, in) @ (weight · scales)ᵀ for bf16 x, int8 weight (out, in), a scale per output."""
+    """x (rows, in) @ (weight · scales)ᵀ for int8 weight (out, in) with a scale per output.
+
+    Few rows: the int8 kernel in bf16 (its fp32 path is not vectorized: 100× slower). Many rows:
+    a GEMM in the activations' dtype, so an fp32 model's prefill keeps fp32 logits (bf16 ones
+    flip near-tied argmaxes) and a bf16 model's runs at bf16 GEMM speed."""
     if x.size(0) <= INT8_KERNEL_MAX_ROWS:
-        return torch._weight_int8pack_mm(x, weight, scales.to(COMPUTE_DTYPE))
-    return F.linear(x.float(), weight.float() * scales.float()[:, None]).to(x.dtype)
+        return torch._weight_int8pack_mm(x.to(COMPUTE_DTYPE), weight, scales.to(COMPUTE_DTYPE))
+    dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else COMPUTE_DTYPE
+    return _widened_matmul(x.to(dtype), weight, scales.to(dtype))
+
+
+def _widened_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Many rows (prefill): a GEMM (MKL / oneDNN) over the int8 weight widened to ``x``'s dtype one
+    block of output channels at a time, the scales applied to the (smaller) output. Widening the
+    whole matrix per call ran at ~1 GB/s, mostly page faults of the fresh float copy; a reused
+    block that stays in cache costs one pass over the int8 bytes."""
+    block_rows = max(16, INT8_WIDEN_BLOCK_ELEMENTS // weight.size(1))
+    widened = torch.empty(min(block_rows, weight.size(0)), weight.size(1), dtype=x.dtype)
+    blocks = []
+    for start in range(0, weight.size(0), block_rows):
+        rows = weight[start : start + block_rows]
+        blocks.append(F.linear(x, widened[: len(rows)].copy_(rows)))  # int8 -> bf16 / fp32 is exact
+    return torch.cat(blocks, dim=1).mul_(scales)
 
 
 class Int4Linear(_QuantizedLinear):
@@ -128,7 +147,7 @@ class Int4Linear(_QuantizedLinear):
         self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zeros.t()], dim=-1).to(COMPUTE_DTYPE).contiguous())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros.to(COMPUTE_DTYPE))
+        return torch._weight_int4pack_mm_for_cpu(x.to(COMPUTE_DTYPE), self.weight, self.group_size, self.scales_and_zeros.to(COMPUTE_DTYPE))
 
 
 class Int8Embedding(nn.Module):
@@ -144,8 +163,7 @@ class Int8Embedding(nn.Module):
 
     def forward(self, x: torch.Tensor, project: bool = False) -> torch.Tensor:
         if project:  # hidden states -> vocabulary logits
-            rows = x.reshape(-1, self.embedding_dim).to(COMPUTE_DTYPE)
-            out = int8_matmul(rows, self.weight, self.scales)
+            out = int8_matmul(x.reshape(-1, self.embedding_dim), self.weight, self.scales)
             return out.view(*x.shape[:-1], self.num_embeddings).to(x.dtype)
         # looked-up rows come out in the scales' dtype: the model's, once the model is cast
         return F.embedding(x, self.weight).to(self.scales.dtype) * F.embedding(x, self.scales[:, None])
