@@ -64,6 +64,43 @@ def test_int8_prefill_widens_in_blocks_and_equals_the_kernel_path(monkeypatch):
     torch.testing.assert_close(quantized(x), x @ dequantized.T + layer.bias, rtol=2e-2, atol=2e-2)
 
 
+def dequantized_projection(embedding: Int8Embedding, x: torch.Tensor) -> torch.Tensor:
+    return x @ (embedding.weight.float() * embedding.scales.float()[:, None]).T
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int8_vocab_projection_w8a8_equals_its_dequantized_weights(rows):
+    """Decoding's projection (FBGEMM, activations in 8 bits with a scale per row) stays within
+    2 % (relative L2) of the weight-only product; measured ~1 % (7-bit activation range)."""
+    torch.manual_seed(0)
+    embedding = Int8Embedding(nn.Embedding(512, 64))
+    assert embedding.packed is not None  # FBGEMM is in every x86 build of torch
+    x = torch.randn(rows, 64)
+    x[-1] *= 100  # rows of very different sizes: one shared scale would flatten the small ones
+    out, expected = embedding(x, project=True), dequantized_projection(embedding, x)
+    for row, expected_row in zip(out, expected):
+        assert (row - expected_row).norm() / expected_row.norm() < 0.02
+
+
+def test_int8_vocab_projection_keeps_outlier_channels_out_of_8_bits(monkeypatch):
+    """A model with LLM.int8()-style outlier channels (3 of 64 channels 40x the rest, their
+    weights correspondingly small, so the output still depends on every channel): with the
+    outliers taken out of the 8-bit product the error stays ~1 %; quantizing them with the
+    rest (one scale per row) gives ~16 %."""
+    torch.manual_seed(0)
+    outliers = [5, 17, 40]
+    vocabulary = nn.Embedding(512, 64)
+    with torch.no_grad():
+        vocabulary.weight[:, outliers] /= 40
+    embedding = Int8Embedding(vocabulary)
+    x = torch.randn(3, 64)
+    x[:, outliers] = 40 * torch.sign(x[:, outliers])
+    expected = dequantized_projection(embedding, x)
+    assert (embedding(x, project=True) - expected).norm() / expected.norm() < 0.02
+    monkeypatch.setattr(quantization, "OUTLIER_SIGMAS", float("inf"))
+    assert (embedding(x, project=True) - expected).norm() / expected.norm() > 0.05
+
+
 @pytest.mark.parametrize("layer", [ScaledLinear(256, 64), nn.Linear(96, 64)], ids=["scaled-g128", "bias-g32"])
 def test_int4_linear_computes_its_dequantized_weights(layer):
     torch.manual_seed(0)
