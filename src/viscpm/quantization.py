@@ -9,7 +9,9 @@ multiplying without first widening them back to floats is what makes it faster.
   this machine (torch 2.13, 1 thread, a 2816×1024 linear at batch 1): torchao 0.18's
   ``Int8WeightOnlyConfig`` streamed 1.2–1.4 GB/s and optimum-quanto 0.2.7's ``qint8`` 7.7 GB/s
   (as fast as plain bf16, i.e. no gain), while ``_weight_int8pack_mm`` streamed 14.5 GB/s of int8
-  weights (2× bf16's tokens/s). Hence these thin modules around the PyTorch kernels.
+  weights (2× bf16's tokens/s). Hence these thin modules around the PyTorch kernels. Prefill
+  (many rows) widens the int8 weight block by block into a float GEMM; the int8 vocabulary
+  projection decodes through FBGEMM (see ``Int8Embedding``; numbers in docs/performance.md).
 * CUDA: bitsandbytes' ``Linear8bitLt`` / ``Linear4bit`` (NF4) when bitsandbytes is installed.
 
 CPM-Bee's ``ScaledLinear`` divides by sqrt(fan-in); the division is folded into the scales, so a
