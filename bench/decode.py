@@ -1,6 +1,6 @@
 """Decode speed against the hardware bound, and beam-3 against the official VisCPM code.
 
-    python bench/decode.py                 # fp32, bf16, int8, int4 on the mid-size config
+    python bench/decode.py                 # fp32, bf16, int8, int4 (+ bf16 models) on the mid-size config
     python bench/decode.py --tokens 16     # a quick look
 
 At batch 1, every generated token reads all the language model's weights once, so the fastest
@@ -34,8 +34,11 @@ TIMINGS = REPO.parent / "shared" / "reference" / "timings.json"
 OFFICIAL_DECODE_TOKENS_PER_S = 5.40  # timings.json: fp32, 2 threads, decode only (read from the file when present)
 OFFICIAL_PREFILL_S = 0.97  # timings.json: the beam-3 prefill (3 rows of the 91-token prompt), median
 QUESTION = "What is in the picture? Describe the shapes, their colours and where they are."
+# int8 / int4 = quantized LLM weights in an fp32 model (the pipeline's default with quant): its
+# prefill GEMMs run in fp32; "+bf16" = the same weights in a bf16 model: bf16 GEMMs, bf16 logits
 PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
-              "int8": (torch.float32, "int8"), "int4": (torch.float32, "int4")}
+              "int8": (torch.float32, "int8"), "int4": (torch.float32, "int4"),
+              "int8+bf16": (torch.bfloat16, "int8"), "int4+bf16": (torch.bfloat16, "int4")}
 # Quality: relative L2 of the prompt logits against fp32. Top-1 agreement is printed but not
 # required: random weights give nearly tied logits, so any rounding flips many of them (a trained
 # model's quality under int8 is checked on ShapesWorld in tests/test_default_model.py).
@@ -109,7 +112,7 @@ def measure(chat: VisCPMChat, timer: LLMCallTimer, image: Image.Image, tokens: i
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--precisions", default="fp32,bf16,int8,int4", help="comma-separated: fp32,bf16,int8,int4")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help=f"comma-separated: {','.join(PRECISIONS)}")
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per batch-1 run (default 64)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per measurement, median reported (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, as the official timing)")
@@ -153,12 +156,12 @@ def main(argv=None) -> int:
           f"mid-size CPM-Bee ({MID_LLM.num_layers}×{MID_LLM.dim_model}, vocab {MID_LLM.vocab_size:,}), "
           f"prompt {len(reference_logits)} tokens; official beam-3 decode {official:.2f} tok/s, "
           f"prefill {official_prefill:.2f} s (the prompt once per beam)")
-    header = (f"{'prec':5} {'LLM MB':>7} {'GB/s':>5} {'bound':>6} {'greedy':>7} {'achieved/bound':>14} "
+    header = (f"{'prec':9} {'LLM MB':>7} {'GB/s':>5} {'bound':>6} {'greedy':>7} {'achieved/bound':>14} "
               f"{'beam3':>6} {'beam3 wall':>10} {'vs official':>11} {'prefill s':>9} {'speedup':>7} "
               f"{'logit err':>9} {'top1':>5}")
     print(header)
     for r in rows:
-        print(f"{r['precision']:5} {r['weights_mb']:7.0f} {r['bandwidth_gbs']:5.1f} {r['bound']:6.1f} {r['greedy_wall']:7.1f} "
+        print(f"{r['precision']:9} {r['weights_mb']:7.0f} {r['bandwidth_gbs']:5.1f} {r['bound']:6.1f} {r['greedy_wall']:7.1f} "
               f"{r['ratio']:14.2f} {r['beam3']:6.1f} {r['beam3_wall']:10.1f} {r['vs_official']:10.2f}x "
               f"{r['beam3_prefill']:9.2f} {r['prefill_vs_official']:6.2f}x "
               f"{r['logits_rel_err']:9.4f} {r['same_top1']:5.2f}{'' if r['ok'] else '  (out of tolerance)'}")

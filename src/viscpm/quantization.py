@@ -9,7 +9,9 @@ multiplying without first widening them back to floats is what makes it faster.
   this machine (torch 2.13, 1 thread, a 2816×1024 linear at batch 1): torchao 0.18's
   ``Int8WeightOnlyConfig`` streamed 1.2–1.4 GB/s and optimum-quanto 0.2.7's ``qint8`` 7.7 GB/s
   (as fast as plain bf16, i.e. no gain), while ``_weight_int8pack_mm`` streamed 14.5 GB/s of int8
-  weights (2× bf16's tokens/s). Hence these thin modules around the PyTorch kernels.
+  weights (2× bf16's tokens/s). Hence these thin modules around the PyTorch kernels. Prefill
+  (many rows) widens the int8 weight block by block into a float GEMM; the int8 vocabulary
+  projection decodes through FBGEMM (see ``Int8Embedding``; numbers in docs/performance.md).
 * CUDA: bitsandbytes' ``Linear8bitLt`` / ``Linear4bit`` (NF4) when bitsandbytes is installed.
 
 CPM-Bee's ``ScaledLinear`` divides by sqrt(fan-in); the division is folded into the scales, so a
@@ -17,6 +19,7 @@ quantized layer computes the same function with no extra step.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -29,9 +32,16 @@ QUANT_MODES = ("int8", "int4")
 COMPUTE_DTYPE = torch.bfloat16  # the packed CPU kernels are fast with bf16 activations only
 INT4_GROUP_SIZES = (128, 64, 32)  # largest group that divides the input width is used
 # The int8 kernel is a matrix-vector kernel: its time grows with every row, and beyond ~16 rows
-# (prefill, the vision encoder) widening the weight once and calling a GEMM is faster.
+# (prefill, the vision encoder) dequantizing blocks of the weight for a bf16 GEMM is faster.
 INT8_KERNEL_MAX_ROWS = 16
 QUANT_BLOCK_ROWS = 256  # rows quantized at a time
+# an activation channel beyond this many standard deviations of its row skips 8-bit activation
+# quantization (LLM.int8()'s outliers are ~20x typical; a Gaussian channel passes 6 sigma with
+# probability ~2e-9). Sigma comes from the median |x| (x1.4826), which the outliers cannot inflate.
+OUTLIER_SIGMAS = 6.0
+# weights widened at a time for a GEMM (16 MB of bf16, inside the L3): few, large GEMMs, as every
+# parallel region costs a thread hand-off, which on a busy machine outweighs smaller blocks' cache hits
+INT8_WIDEN_BLOCK_ELEMENTS = 1 << 23
 
 
 def _output_scale(linear: nn.Linear) -> float:
@@ -47,7 +57,7 @@ def _float_rows(weight: torch.Tensor, factor: float = 1.0):
 
 
 class _QuantizedLinear(nn.Module):
-    """Shared plumbing: flatten leading dims, run the packed kernel in bf16, add the bias, cast back."""
+    """Shared plumbing: flatten leading dims, run the matmul, add the bias, cast back."""
 
     # scales live in buffers that a later ``model.to(dtype)`` may cast; the kernels want bf16,
     # hence the ``.to(COMPUTE_DTYPE)`` in each matmul (a no-op when nothing was cast)
@@ -61,8 +71,7 @@ class _QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        out = self.matmul(rows).to(x.dtype)
+        out = self.matmul(x.reshape(-1, self.in_features)).to(x.dtype)
         if self.bias is not None:  # added in the activations' dtype, whatever the buffer was cast to
             out = out + self.bias.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
@@ -96,10 +105,29 @@ class Int8Linear(_QuantizedLinear):
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (rows, in) @ (weight · scales)ᵀ for bf16 x, int8 weight (out, in), a scale per output."""
+    """x (rows, in) @ (weight · scales)ᵀ for int8 weight (out, in) with a scale per output.
+
+    Few rows: the int8 kernel in bf16 (its fp32 path is not vectorized: 100× slower). Many rows:
+    a GEMM in the activations' dtype, so an fp32 model's prefill keeps fp32 logits (bf16 ones
+    flip near-tied argmaxes) and a bf16 model's runs at bf16 GEMM speed."""
     if x.size(0) <= INT8_KERNEL_MAX_ROWS:
-        return torch._weight_int8pack_mm(x, weight, scales.to(COMPUTE_DTYPE))
-    return F.linear(x.float(), weight.float() * scales.float()[:, None]).to(x.dtype)
+        return torch._weight_int8pack_mm(x.to(COMPUTE_DTYPE), weight, scales.to(COMPUTE_DTYPE))
+    dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else COMPUTE_DTYPE
+    return _widened_matmul(x.to(dtype), weight, scales.to(dtype))
+
+
+def _widened_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Many rows (prefill): a GEMM (MKL / oneDNN) over the int8 weight widened to ``x``'s dtype one
+    block of output channels at a time, the scales applied to the (smaller) output. Widening the
+    whole matrix per call ran at ~1 GB/s, mostly page faults of the fresh float copy; a reused
+    block that stays in cache costs one pass over the int8 bytes."""
+    block_rows = max(16, INT8_WIDEN_BLOCK_ELEMENTS // weight.size(1))
+    widened = torch.empty(min(block_rows, weight.size(0)), weight.size(1), dtype=x.dtype)
+    blocks = []
+    for start in range(0, weight.size(0), block_rows):
+        rows = weight[start : start + block_rows]
+        blocks.append(F.linear(x, widened[: len(rows)].copy_(rows)))  # int8 -> bf16 / fp32 is exact
+    return torch.cat(blocks, dim=1).mul_(scales)
 
 
 class Int4Linear(_QuantizedLinear):
@@ -128,12 +156,19 @@ class Int4Linear(_QuantizedLinear):
         self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zeros.t()], dim=-1).to(COMPUTE_DTYPE).contiguous())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros.to(COMPUTE_DTYPE))
+        return torch._weight_int4pack_mm_for_cpu(x.to(COMPUTE_DTYPE), self.weight, self.group_size, self.scales_and_zeros.to(COMPUTE_DTYPE))
 
 
 class Int8Embedding(nn.Module):
     """The tied vocabulary matrix in int8 (one scale per token): looked up for the input and used
-    as the output projection (``project=True``), which at mid sizes is half of the bytes read per token."""
+    as the output projection (``project=True``), which at mid sizes is half of the bytes read per token.
+
+    Decoding's projection (a few rows) runs FBGEMM's dynamic int8 GEMM on a second, packed int8 copy
+    of the matrix (+1 byte per weight: 355 MB at 10B, 3.5 % of the model): PyTorch's weight-only
+    kernel streams this 1024-wide matrix at ~1.5 GB/s here against FBGEMM's ~20 (bench/linear_kernels.py).
+    FBGEMM also quantizes the activations (W8A8), so each row gets its own scale (one call per row)
+    and outlier channels (LLM.int8()'s failure case for 8-bit activations) are taken out of the
+    int8 product and added back weight-only from the unpacked matrix."""
 
     def __init__(self, embedding: nn.Embedding):
         super().__init__()
@@ -141,14 +176,43 @@ class Int8Embedding(nn.Module):
         weight, scale = quantize_int8_rows(embedding.weight)
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scale.to(embedding.weight.dtype))
+        self.packed = _fbgemm_pack(weight, scale)  # not state: rebuilt from the buffers
 
     def forward(self, x: torch.Tensor, project: bool = False) -> torch.Tensor:
         if project:  # hidden states -> vocabulary logits
-            rows = x.reshape(-1, self.embedding_dim).to(COMPUTE_DTYPE)
-            out = int8_matmul(rows, self.weight, self.scales)
+            rows = x.reshape(-1, self.embedding_dim)
+            if self.packed is not None and rows.size(0) <= INT8_KERNEL_MAX_ROWS:
+                out = torch.cat([self._w8a8_row(row[None].float()) for row in rows])
+            else:
+                out = int8_matmul(rows, self.weight, self.scales)
             return out.view(*x.shape[:-1], self.num_embeddings).to(x.dtype)
         # looked-up rows come out in the scales' dtype: the model's, once the model is cast
         return F.embedding(x, self.weight).to(self.scales.dtype) * F.embedding(x, self.scales[:, None])
+
+    def _w8a8_row(self, row: torch.Tensor) -> torch.Tensor:
+        """One row (1, d) in fp32: FBGEMM over its ordinary channels (one activation scale for the
+        row, 7-bit range as torch.ao uses it), channels beyond OUTLIER_SIGMAS weight-only."""
+        sigma = 1.4826 * row.abs().median()
+        outliers = (row.abs() > OUTLIER_SIGMAS * sigma).nonzero()[:, 1]
+        if len(outliers) == 0:
+            return torch.ops.quantized.linear_dynamic(row, self.packed, True)
+        ordinary = row.index_fill(1, outliers, 0.0)
+        out = torch.ops.quantized.linear_dynamic(ordinary, self.packed, True)
+        columns = self.weight.index_select(1, outliers).float() * self.scales.float()[:, None]  # (V, k)
+        return out + row[:, outliers] @ columns.T
+
+
+def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor):
+    """FBGEMM's packed copy of a per-row int8 matrix, or None where FBGEMM is not built in."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    with warnings.catch_warnings():
+        # PyTorch marks its quantized tensor type deprecated (in favour of torchao, whose CPU
+        # int8 kernels we measured slower); the packed weight is the only use of it here
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        quantized = torch._make_per_channel_quantized_tensor(
+            weight, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+    return torch.ops.quantized.linear_prepack(quantized, None)
 
 
 def _bitsandbytes_linear(linear: nn.Linear, mode: str) -> nn.Module:
