@@ -13,20 +13,10 @@ from viscpm.checkpoints import CheckpointError
 from viscpm.image_processing import ImageError
 from viscpm.pipelines.chat import ContextTooLong, VisCPMChat, append_turn, cut_at_stop
 
-from .test_chat_model import official_tiny_state
-
 
 @pytest.fixture(scope="module")
-def checkpoint_dir(reference, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("official")
-    torch.save(official_tiny_state(reference, with_mim_head=True), folder / "viscpm_chat_tiny_checkpoint.pt")
-    shutil.copy(reference / "cpmbee" / "vocab.txt", folder / "vocab.txt")  # a user's layout, in a temp dir
-    return folder
-
-
-@pytest.fixture(scope="module")
-def chat(reference, checkpoint_dir):
-    return VisCPMChat(checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt",
+def chat(reference, chat_checkpoint_dir):
+    return VisCPMChat(chat_checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt",
                       config_path=reference / "chat" / "tiny_viscpm_chat_config.json")
 
 
@@ -193,9 +183,9 @@ def test_context_budget_must_be_a_positive_count(budget):
         VisCPMChat(max_context_tokens=budget)
 
 
-def test_missing_vocab_and_wrong_vocab(reference, checkpoint_dir, tmp_path):
+def test_missing_vocab_and_wrong_vocab(reference, chat_checkpoint_dir, tmp_path):
     lonely = tmp_path / "ckpt.pt"
-    shutil.copy(checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt", lonely)
+    shutil.copy(chat_checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt", lonely)
     config = reference / "chat" / "tiny_viscpm_chat_config.json"
     with pytest.raises(CheckpointError, match="vocab not found"):
         VisCPMChat(lonely, config_path=config)
@@ -224,7 +214,7 @@ def test_default_model_missing_is_a_clear_error(monkeypatch):
 # -- image safety ------------------------------------------------------------------------------
 
 
-def test_flagged_images_are_refused_with_the_reason(reference, checkpoint_dir, image):
+def test_flagged_images_are_refused_with_the_reason(reference, chat_checkpoint_dir, image):
     from viscpm.pipelines.chat import RefusedImage
     from viscpm.safety import Refused, SafetyResult
 
@@ -234,7 +224,7 @@ def test_flagged_images_are_refused_with_the_reason(reference, checkpoint_dir, i
         seen.append(picture.size)
         return SafetyResult(picture.size[0] > 100, "too wide", "mine")
 
-    chat = VisCPMChat(checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt",
+    chat = VisCPMChat(chat_checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt",
                       config_path=reference / "chat" / "tiny_viscpm_chat_config.json", image_safety_checker=checker)
     with pytest.raises(RefusedImage) as refused:
         chat.chat(image, "What is in the image?", max_new_tokens=2)

@@ -10,12 +10,10 @@ import pytest
 
 from viscpm.cli import build_parser, main, run_chat
 
-from .test_chat_pipeline import checkpoint_dir  # noqa: F401  (fixture)
-
 
 @pytest.fixture()
-def model_args(reference, checkpoint_dir):  # noqa: F811
-    return ["--model", str(checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt"),
+def model_args(reference, chat_checkpoint_dir):
+    return ["--model", str(chat_checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt"),
             "--config", str(reference / "chat" / "tiny_viscpm_chat_config.json")]
 
 

@@ -5,8 +5,6 @@ import io
 
 from viscpm.cli import build_parser, run_chat
 
-from .test_chat_pipeline import checkpoint_dir  # noqa: F401  (fixture)
-
 
 class Keys(io.StringIO):
     """stdin that presses Ctrl-C after its lines run out."""
@@ -18,22 +16,22 @@ class Keys(io.StringIO):
         return line
 
 
-def chat_args(reference, checkpoint_dir):  # noqa: F811
+def chat_args(reference, chat_checkpoint_dir):
     return build_parser().parse_args([
-        "chat", "--model", str(checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt"),
+        "chat", "--model", str(chat_checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt"),
         "--config", str(reference / "chat" / "tiny_viscpm_chat_config.json"), "--max-new-tokens", "3"])
 
 
-def test_chinese_commands_and_ctrl_c_at_the_prompt(reference, checkpoint_dir):  # noqa: F811
+def test_chinese_commands_and_ctrl_c_at_the_prompt(reference, chat_checkpoint_dir):
     out = io.StringIO()
-    assert run_chat(chat_args(reference, checkpoint_dir), stdin=Keys("你好\n清空\nhi\n"), stdout=out) == 0
+    assert run_chat(chat_args(reference, chat_checkpoint_dir), stdin=Keys("你好\n清空\nhi\n"), stdout=out) == 0
     assert out.getvalue().count("AI: ") == 2 and "已清空" in out.getvalue()
     out = io.StringIO()
-    assert run_chat(chat_args(reference, checkpoint_dir), stdin=io.StringIO("退出\nnever asked\n"), stdout=out) == 0
+    assert run_chat(chat_args(reference, chat_checkpoint_dir), stdin=io.StringIO("退出\nnever asked\n"), stdout=out) == 0
     assert "AI: " not in out.getvalue()
 
 
-def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(reference, checkpoint_dir, monkeypatch):  # noqa: F811
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(reference, chat_checkpoint_dir, monkeypatch):
     from viscpm.pipelines.chat import VisCPMChat
 
     real = VisCPMChat.stream_chat
@@ -48,5 +46,5 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(reference, checkpoint_dir, 
 
     monkeypatch.setattr(VisCPMChat, "stream_chat", interrupted_once)
     out = io.StringIO()
-    assert run_chat(chat_args(reference, checkpoint_dir), stdin=io.StringIO("one\ntwo\nstop\n"), stdout=out) == 0
+    assert run_chat(chat_args(reference, chat_checkpoint_dir), stdin=io.StringIO("one\ntwo\nstop\n"), stdout=out) == 0
     assert "(interrupted / 已中断)" in out.getvalue() and out.getvalue().count("AI: ") == 2

@@ -8,8 +8,6 @@ import shutil
 import pytest
 from playwright.sync_api import expect
 
-from .serve_fixtures import image_path, server, serve_models_dir, tiny_chat, tiny_paint  # noqa: F401  (fixtures)
-
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # as root, without a network: no sandbox, no GPU, none of Chromium's own background connections
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
