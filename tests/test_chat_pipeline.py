@@ -45,6 +45,7 @@ def test_two_turns_reproduce_official_beam_search(chat, generate_golden, image, 
     assert states2 is states  # reused, not re-encoded
 
 
+@pytest.mark.slow
 def test_beam_search_token_ids_match_official(chat, generate_golden, image):
     from viscpm.generation import beam_search
     from viscpm.pipelines.chat import generation_config
@@ -56,6 +57,7 @@ def test_beam_search_token_ids_match_official(chat, generate_golden, image):
     assert len(tokens) == 18  # the official length quirk: max_length + 2 when no eos comes
 
 
+@pytest.mark.slow
 def test_max_new_tokens_caps_the_answer(chat, image):
     from viscpm.generation import beam_search, stream_tokens
     from viscpm.pipelines.chat import generation_config
@@ -67,6 +69,7 @@ def test_max_new_tokens_caps_the_answer(chat, image):
         assert sum(len(s) for s in steps) == n
 
 
+@pytest.mark.slow
 def test_greedy_and_seeded_sampling(chat, image):
     greedy = chat.chat(image, "What is in the image?", num_beams=1, max_new_tokens=8)[0]
     assert greedy == chat.chat(image, "What is in the image?", num_beams=1, max_new_tokens=8)[0]
@@ -82,6 +85,7 @@ def test_streaming_pieces_join_to_the_greedy_answer(chat, image):
     assert "".join(pieces) == chat.chat(image, "What is in the image?", num_beams=1, max_new_tokens=10)[0]
 
 
+@pytest.mark.slow
 def test_stop_string_cuts_answers(chat, image, generate_golden):
     full = generate_golden["turns"][0]["answer"]
     stop = "Android"
@@ -97,6 +101,7 @@ def test_cut_at_stop_holds_partial_matches():
     assert cut_at_stop("abc</en", ["</end>"]) == "abc</en"  # no full stop string: nothing cut
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(max_length=16), dict(num_beams=1, max_new_tokens=10)])
 def test_batched_answers_equal_one_at_a_time(chat, reference, image, options):
     other = Image.open(reference / "data" / "figures" / "vlu_case2.jpeg")
@@ -108,6 +113,7 @@ def test_batched_answers_equal_one_at_a_time(chat, reference, image, options):
     assert batched == single
 
 
+@pytest.mark.slow
 def test_text_only_turn_and_new_image_mid_conversation(chat, image, reference):
     answer, context, states = chat.chat(None, "Hello, who are you?", max_new_tokens=4)
     assert states is None and answer and context.startswith("User: Hello, who are you?\nAI: ")
@@ -144,6 +150,7 @@ def test_bad_inputs_give_clear_errors(chat, image, tmp_path):
         chat.chat(image, "What is in the image?", temperature=0)
 
 
+@pytest.mark.slow
 def test_context_budget_counts_prompt_image_and_answer(chat, image, monkeypatch):
     question = "What is in the image?"
     needed = chat.check_context(question, has_image=True, max_new_tokens=10)

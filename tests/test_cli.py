@@ -17,6 +17,7 @@ def model_args(reference, chat_checkpoint_dir):
             "--config", str(reference / "chat" / "tiny_viscpm_chat_config.json")]
 
 
+@pytest.mark.slow
 def test_one_shot_chat_prints_the_official_answer(reference, model_args, capsys):
     golden = json.loads((reference / "chat" / "tiny_viscpm_chat_generate.json").read_text())["turns"][0]
     image = str(reference / "data" / "figures" / "vlu_case1.png")
@@ -25,6 +26,7 @@ def test_one_shot_chat_prints_the_official_answer(reference, model_args, capsys)
     assert capsys.readouterr().out.strip() == golden["answer"].strip()
 
 
+@pytest.mark.slow
 def test_interactive_chat_streams_switches_images_and_clears(reference, model_args):
     figures = reference / "data" / "figures"
     args = build_parser().parse_args(["chat", *model_args, "--image", str(figures / "vlu_case1.png"),

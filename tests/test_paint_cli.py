@@ -18,6 +18,7 @@ def paint_args(reference, paint_checkpoint_dir, *extra):
             "--config", str(reference / "paint" / "tiny_viscpm_paint_config.json"), "--steps", "2", *extra]
 
 
+@pytest.mark.slow
 def test_paint_writes_a_png_with_its_settings(reference, paint_checkpoint_dir, tmp_path):
     out = tmp_path / "cat.png"
     args = build_parser().parse_args(paint_args(reference, paint_checkpoint_dir, "一只猫", "-o", str(out), "--seed", "3"))
@@ -30,6 +31,7 @@ def test_paint_writes_a_png_with_its_settings(reference, paint_checkpoint_dir, t
     assert settings["prompt"] == "一只猫" and settings["num_inference_steps"] == 2
 
 
+@pytest.mark.slow
 def test_several_images_are_numbered(reference, paint_checkpoint_dir, tmp_path, capsys):
     out = tmp_path / "cat.png"
     assert main(paint_args(reference, paint_checkpoint_dir, "a cat", "-o", str(out), "--num-images", "2",
@@ -60,6 +62,7 @@ def test_help_documents_the_safety_defaults():
         assert text in result.stdout
 
 
+@pytest.mark.slow
 def test_a_refused_prompt_exits_3_with_the_reason(reference, paint_checkpoint_dir, tmp_path, capsys):
     out = tmp_path / "x.png"
     assert main(paint_args(reference, paint_checkpoint_dir, "a n.u.d.e cat", "-o", str(out))) == 3
@@ -95,6 +98,7 @@ def test_flagged_images_are_written_black_and_reported(reference, paint_checkpoi
         assert max(image.getextrema()[0]) == 0 and json.loads(image.text["viscpm"])["flagged"] is True
 
 
+@pytest.mark.slow
 def test_ranker_folder_picks_the_best_of_k(reference, paint_checkpoint_dir, tmp_path, capsys):
     from .test_rerank import write_chinese_clip
 

@@ -103,6 +103,7 @@ def test_golden_paint_run(painter, golden, case):
     assert (meta.seed, meta.num_inference_steps, meta.scheduler, meta.guidance_scale) == (None, 4, "ddpm", 7.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["en", "zh"])
 def test_seed_api_returns_the_reference_grid(painter, golden, case):
     image = painter.generate(PROMPTS[case], image_size=SIZE, generator=torch.Generator().manual_seed(42),
@@ -138,6 +139,7 @@ def test_ddpm_step_matches_golden_with_the_recorded_noise(reference, golden, mon
     assert not torch.allclose(default[0], golden["en.step0.prev_sample"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_golden_run_catches_a_wrong_scheduler_and_swapped_guidance(painter, reference, golden):
     expected = golden["en.final_latents"]
     sd_config = painter.config.scheduler
@@ -150,6 +152,7 @@ def test_golden_run_catches_a_wrong_scheduler_and_swapped_guidance(painter, refe
     assert (steps[-1]["latents"] - expected).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_golden_run_catches_a_missing_bridge_layernorm(painter, golden):
     bridge = painter.model.bridge
     norm, bridge.norm = bridge.norm, torch.nn.Identity()
@@ -163,6 +166,7 @@ def test_golden_run_catches_a_missing_bridge_layernorm(painter, golden):
 # -- behaviour -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_seeds_reproduce_and_are_reported(painter):
     run = lambda seed: painter.paint("a red square", num_inference_steps=2, seed=seed)[0]
     a, b, c = run(7), run(7), run(8)
@@ -175,6 +179,7 @@ def test_seeds_reproduce_and_are_reported(painter):
         painter.paint("x", seed=1, generator=torch.Generator())
 
 
+@pytest.mark.slow
 def test_layers_offloaded_to_disk_paint_the_same_image(reference, paint_checkpoint_dir, painter, tmp_path):
     """accelerate's dispatch with the text encoder's layers and the UNet on disk (read back at every forward)."""
     placement = {"llm.embed": "cpu", "llm.position_bias": "cpu", "llm.layers.0": "disk", "llm.layers.1": "disk",
@@ -186,6 +191,7 @@ def test_layers_offloaded_to_disk_paint_the_same_image(reference, paint_checkpoi
     assert np.array_equal(pixels(run(offloaded)), pixels(run(painter)))
 
 
+@pytest.mark.slow
 def test_auto_placement_fills_memory_then_disk(reference, paint_checkpoint_dir, painter, tmp_path):
     offloaded = open_tiny(reference, paint_checkpoint_dir, device_map="auto", max_memory={"cpu": "13MB"},
                           offload_folder=tmp_path)
@@ -202,6 +208,7 @@ def test_paint_placements_that_cannot_work_are_refused(reference, paint_checkpoi
         open_tiny(reference, paint_checkpoint_dir, device_map="balanced")
 
 
+@pytest.mark.slow
 def test_num_images_per_prompt_and_prompt_lists(painter):
     results = painter.paint("a red square", num_images_per_prompt=3, num_inference_steps=2, seed=10)
     assert len(results) == 3 and all(r.image.size == (SIZE, SIZE) for r in results)
@@ -223,6 +230,7 @@ def test_height_and_width_are_honoured(painter):
     assert result.image.size == (40, 24)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_each_scheduler_by_name_paints(painter, name):
     result = painter.paint("a red square", num_inference_steps=3, scheduler=name, seed=0)[0]
@@ -235,6 +243,7 @@ def test_unknown_scheduler_is_a_clear_error(painter):
         painter.paint("x", scheduler="plms")
 
 
+@pytest.mark.slow
 def test_empty_prompt_is_the_unconditional_sample(painter):
     """Allowed: '' is the official unconditional prompt, so guidance changes nothing."""
     guided = painter.paint("", num_inference_steps=2, seed=3)[0]
@@ -280,6 +289,7 @@ def test_prompts_must_be_text(painter):
         painter.paint(["a cat", 3], num_inference_steps=1)
 
 
+@pytest.mark.slow
 def test_guidance_below_one_turns_guidance_off(painter, caplog):
     with caplog.at_level(logging.WARNING, logger="viscpm"):
         low = painter.paint("a cat", "a dog", guidance_scale=0.5, num_inference_steps=2, seed=4)[0]
@@ -335,6 +345,7 @@ def test_default_switches(reference, paint_checkpoint_dir):
     assert not result.flagged and result.flag_reason is None
 
 
+@pytest.mark.slow
 def test_switches_per_call(painter):
     """The painter was built with everything off; one call can turn each on or plug in its own."""
     with pytest.raises(RefusedPrompt, match="blocked term 'porn'"):
@@ -359,6 +370,7 @@ def test_switches_per_call(painter):
         painter.paint("a cat", num_inference_steps=1, add_ranker=ranker, num_candidates=0)
 
 
+@pytest.mark.slow
 def test_pluggable_checkers_and_ranker(reference, paint_checkpoint_dir, caplog):
     seen = {}
 
@@ -390,6 +402,7 @@ def test_ranker_prefers_unflagged_images(reference, paint_checkpoint_dir):
 # -- loading and saving ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_save_pretrained_round_trip(painter, tmp_path):
     folder = painter.save_pretrained(tmp_path / "saved")
     assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "vocab.txt", "vae",
@@ -401,6 +414,7 @@ def test_save_pretrained_round_trip(painter, tmp_path):
     assert np.array_equal(pixels(a.image), pixels(b.image))
 
 
+@pytest.mark.slow
 def test_a_model_folder_sets_its_own_default_guidance(painter, tmp_path):
     """generation_config.json beside the weights changes what a call without guidance_scale paints;
     an explicit guidance_scale still wins."""

@@ -21,6 +21,8 @@ from viscpm.models.cpmbee import CPMBeeConfig
 from viscpm.models.paint import BridgeConfig, PaintConfig, PaintModel
 from viscpm.pipelines.paint import SAMPLING_PRESETS, MemoryOptions, VisCPMPaint, build_scheduler
 
+pytestmark = pytest.mark.slow  # 114 s of CPU in all, 112 s of it in tests over 2 s each
+
 PROMPT = "a red circle"
 VOCAB = Path(str(resources.files("viscpm") / "assets" / "paint" / "vocab.txt"))  # 576 tokens
 VOCAB_SIZE = 576

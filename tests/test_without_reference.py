@@ -12,6 +12,8 @@ import pytest
 
 from .conftest import REPO_ROOT, missing_reference
 
+pytestmark = pytest.mark.slow  # two collections of the whole suite in fresh processes
+
 # A plugin for the inner pytest: writes {node id: its skip reasons} once collection is done
 REPORTER = '''
 import json, os
