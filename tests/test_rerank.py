@@ -131,6 +131,7 @@ def test_self_rank_batches_give_the_same_scores(chat):
                                ChatSelfRanker(chat)("a <b> cat", candidates), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_paint_keeps_the_candidate_the_chat_model_likes_best(reference, paint_checkpoint_dir, chat):
     painter = open_tiny(reference, paint_checkpoint_dir, add_ranker=chat)  # a VisCPMChat: self-reranking with it
     assert isinstance(painter.ranker, ChatSelfRanker)
@@ -209,6 +210,7 @@ def test_adherence_with_and_without_reranking(tmp_path):
     assert metrics["rerank_items"] > 0 and set(metrics["rerank_seconds_per_prompt"]) == {"paint", "knows", "first"}
 
 
+@pytest.mark.slow
 def test_packaged_painter_self_reranks_with_the_packaged_chat_model():
     from viscpm.pipelines.defaults import has_default_model
     from viscpm.pipelines.paint import VisCPMPaint
