@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from viscpm.cli import build_parser, main, run_paint
