@@ -21,7 +21,7 @@ def missing_reference(path: Path) -> str:
 
 
 MISSING_REFERENCE = missing_reference(REFERENCE)
-# Its top-level folders; an empty or half-copied folder counts as missing
+# Its top-level folders: a folder without all of them (e.g. empty) counts as missing
 REFERENCE_PARTS = ("chat", "cpmbee", "data", "llm", "manifest", "paint")
 
 # Fixtures used by several test files live in these modules (registered once here, not imported per file)
