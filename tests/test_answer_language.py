@@ -10,7 +10,7 @@ import torch
 from viscpm.answer_language import AnswerLanguage, question_language, script_masks
 from viscpm.generation import BANNED_LOGIT
 
-from .test_chat_pipeline import chat, checkpoint_dir, image  # noqa: F401  (fixtures)
+from .test_chat_pipeline import chat, image  # noqa: F401  (fixtures)
 
 EN_QUESTION = "What is in the image?"
 ZH_QUESTION = "请详细描述这张图片。"

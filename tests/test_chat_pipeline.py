@@ -14,20 +14,10 @@ from viscpm.checkpoints import CheckpointError
 from viscpm.image_processing import ImageError
 from viscpm.pipelines.chat import ContextTooLong, VisCPMChat, _StopText, append_turn, cut_at_stop
 
-from .test_chat_model import official_tiny_state
-
 
 @pytest.fixture(scope="module")
-def checkpoint_dir(reference, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("official")
-    torch.save(official_tiny_state(reference, with_mim_head=True), folder / "viscpm_chat_tiny_checkpoint.pt")
-    shutil.copy(reference / "cpmbee" / "vocab.txt", folder / "vocab.txt")  # a user's layout, in a temp dir
-    return folder
-
-
-@pytest.fixture(scope="module")
-def chat(reference, checkpoint_dir):
-    return VisCPMChat(checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt",
+def chat(reference, chat_checkpoint_dir):
+    return VisCPMChat(chat_checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt",
                       config_path=reference / "chat" / "tiny_viscpm_chat_config.json")
 
 
@@ -56,6 +46,7 @@ def test_two_turns_reproduce_official_beam_search(chat, generate_golden, image, 
     assert states2 is states  # reused, not re-encoded
 
 
+@pytest.mark.slow
 def test_beam_search_token_ids_match_official(chat, generate_golden, image):
     from viscpm.generation import beam_search
     from viscpm.pipelines.chat import generation_config
@@ -67,6 +58,7 @@ def test_beam_search_token_ids_match_official(chat, generate_golden, image):
     assert len(tokens) == 18  # the official length quirk: max_length + 2 when no eos comes
 
 
+@pytest.mark.slow
 def test_max_new_tokens_caps_the_answer(chat, image):
     from viscpm.generation import beam_search, stream_tokens
     from viscpm.pipelines.chat import generation_config
@@ -78,6 +70,7 @@ def test_max_new_tokens_caps_the_answer(chat, image):
         assert sum(len(s) for s in steps) == n
 
 
+@pytest.mark.slow
 def test_greedy_and_seeded_sampling(chat, image):
     greedy = chat.chat(image, "What is in the image?", num_beams=1, max_new_tokens=8)[0]
     assert greedy == chat.chat(image, "What is in the image?", num_beams=1, max_new_tokens=8)[0]
@@ -103,6 +96,7 @@ def test_context_none_starts_a_new_conversation_in_every_call(chat, image):
     assert chat.check_context("What is in the image?", None) == chat.check_context("What is in the image?", "")
 
 
+@pytest.mark.slow
 def test_stop_string_cuts_answers(chat, image, generate_golden):
     full = generate_golden["turns"][0]["answer"]
     stop = "Android"
@@ -162,6 +156,7 @@ def test_stop_matching_is_linear_in_text_and_stop_length():
     assert _CountingStr.reads <= 6 * (4000 + len(stop))  # the old way: about 4000 × 2000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(max_length=16), dict(num_beams=1, max_new_tokens=10)])
 def test_batched_answers_equal_one_at_a_time(chat, reference, image, options):
     other = Image.open(reference / "data" / "figures" / "vlu_case2.jpeg")
@@ -173,6 +168,7 @@ def test_batched_answers_equal_one_at_a_time(chat, reference, image, options):
     assert batched == single
 
 
+@pytest.mark.slow
 def test_text_only_turn_and_new_image_mid_conversation(chat, image, reference):
     answer, context, states = chat.chat(None, "Hello, who are you?", max_new_tokens=4)
     assert states is None and answer and context.startswith("User: Hello, who are you?\nAI: ")
@@ -209,6 +205,7 @@ def test_bad_inputs_give_clear_errors(chat, image, tmp_path):
         chat.chat(image, "What is in the image?", temperature=0)
 
 
+@pytest.mark.slow
 def test_context_budget_counts_prompt_image_and_answer(chat, image, monkeypatch):
     question = "What is in the image?"
     needed = chat.check_context(question, has_image=True, max_new_tokens=10)
@@ -248,9 +245,9 @@ def test_context_budget_must_be_a_positive_count(budget):
         VisCPMChat(max_context_tokens=budget)
 
 
-def test_missing_vocab_and_wrong_vocab(reference, checkpoint_dir, tmp_path):
+def test_missing_vocab_and_wrong_vocab(reference, chat_checkpoint_dir, tmp_path):
     lonely = tmp_path / "ckpt.pt"
-    shutil.copy(checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt", lonely)
+    shutil.copy(chat_checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt", lonely)
     config = reference / "chat" / "tiny_viscpm_chat_config.json"
     with pytest.raises(CheckpointError, match="vocab not found"):
         VisCPMChat(lonely, config_path=config)
@@ -279,7 +276,7 @@ def test_default_model_missing_is_a_clear_error(monkeypatch):
 # -- image safety ------------------------------------------------------------------------------
 
 
-def test_flagged_images_are_refused_with_the_reason(reference, checkpoint_dir, image):
+def test_flagged_images_are_refused_with_the_reason(reference, chat_checkpoint_dir, image):
     from viscpm.pipelines.chat import RefusedImage
     from viscpm.safety import Refused, SafetyResult
 
@@ -289,7 +286,7 @@ def test_flagged_images_are_refused_with_the_reason(reference, checkpoint_dir, i
         seen.append(picture.size)
         return SafetyResult(picture.size[0] > 100, "too wide", "mine")
 
-    chat = VisCPMChat(checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt",
+    chat = VisCPMChat(chat_checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt",
                       config_path=reference / "chat" / "tiny_viscpm_chat_config.json", image_safety_checker=checker)
     with pytest.raises(RefusedImage) as refused:
         chat.chat(image, "What is in the image?", max_new_tokens=2)

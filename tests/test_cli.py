@@ -10,15 +10,14 @@ import pytest
 
 from viscpm.cli import build_parser, main, run_chat
 
-from .test_chat_pipeline import checkpoint_dir  # noqa: F401  (fixture)
-
 
 @pytest.fixture()
-def model_args(reference, checkpoint_dir):  # noqa: F811
-    return ["--model", str(checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt"),
+def model_args(reference, chat_checkpoint_dir):
+    return ["--model", str(chat_checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt"),
             "--config", str(reference / "chat" / "tiny_viscpm_chat_config.json")]
 
 
+@pytest.mark.slow
 def test_one_shot_chat_prints_the_official_answer(reference, model_args, capsys):
     golden = json.loads((reference / "chat" / "tiny_viscpm_chat_generate.json").read_text())["turns"][0]
     image = str(reference / "data" / "figures" / "vlu_case1.png")
@@ -27,6 +26,7 @@ def test_one_shot_chat_prints_the_official_answer(reference, model_args, capsys)
     assert capsys.readouterr().out.strip() == golden["answer"].strip()
 
 
+@pytest.mark.slow
 def test_interactive_chat_streams_switches_images_and_clears(reference, model_args):
     figures = reference / "data" / "figures"
     args = build_parser().parse_args(["chat", *model_args, "--image", str(figures / "vlu_case1.png"),

@@ -8,8 +8,6 @@ import pytest
 
 from viscpm.cli import build_parser, run_chat
 
-from .test_chat_pipeline import checkpoint_dir  # noqa: F401  (fixture)
-
 CTRL_C = KeyboardInterrupt  # a key press in a Keys script
 
 
@@ -38,9 +36,9 @@ class Script:
         return key + "\n"
 
 
-def chat_args(reference, checkpoint_dir, *extra):  # noqa: F811
+def chat_args(reference, chat_checkpoint_dir, *extra):
     return build_parser().parse_args([
-        "chat", "--model", str(checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt"),
+        "chat", "--model", str(chat_checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt"),
         "--config", str(reference / "chat" / "tiny_viscpm_chat_config.json"), "--max-new-tokens", "3", *extra])
 
 
@@ -59,31 +57,31 @@ def asked(monkeypatch):
     return seen
 
 
-def test_chinese_commands_and_ctrl_c_at_the_prompt(reference, checkpoint_dir):  # noqa: F811
+def test_chinese_commands_and_ctrl_c_at_the_prompt(reference, chat_checkpoint_dir):
     out = io.StringIO()
-    assert run_chat(chat_args(reference, checkpoint_dir), stdin=Keys("你好\n清空\nhi\n"), stdout=out) == 0
+    assert run_chat(chat_args(reference, chat_checkpoint_dir), stdin=Keys("你好\n清空\nhi\n"), stdout=out) == 0
     assert out.getvalue().count("AI: ") == 2 and "已清空" in out.getvalue()
     out = io.StringIO()
-    assert run_chat(chat_args(reference, checkpoint_dir), stdin=io.StringIO("退出\nnever asked\n"), stdout=out) == 0
+    assert run_chat(chat_args(reference, chat_checkpoint_dir), stdin=io.StringIO("退出\nnever asked\n"), stdout=out) == 0
     assert "AI: " not in out.getvalue()
 
 
-def test_one_ctrl_c_at_the_prompt_keeps_the_conversation_two_quit(reference, checkpoint_dir, asked):  # noqa: F811
+def test_one_ctrl_c_at_the_prompt_keeps_the_conversation_two_quit(reference, chat_checkpoint_dir, asked):
     out = io.StringIO()
     keys = Script("one", CTRL_C, "two", CTRL_C, CTRL_C, "never asked")
-    assert run_chat(chat_args(reference, checkpoint_dir), stdin=keys, stdout=out) == 0
+    assert run_chat(chat_args(reference, chat_checkpoint_dir), stdin=keys, stdout=out) == 0
     assert out.getvalue().count("AI: ") == 2 and keys.keys == ["never asked"]
     assert asked[0][1] == "" and asked[1][1].startswith("User: one\nAI: ")  # the first turn was kept
     assert out.getvalue().count("Ctrl-C again or Ctrl-D to quit") == 2
 
 
-def test_ctrl_d_quits_at_once(reference, checkpoint_dir):  # noqa: F811
+def test_ctrl_d_quits_at_once(reference, chat_checkpoint_dir):
     out = io.StringIO()
-    assert run_chat(chat_args(reference, checkpoint_dir), stdin=Script("one"), stdout=out) == 0
+    assert run_chat(chat_args(reference, chat_checkpoint_dir), stdin=Script("one"), stdout=out) == 0
     assert out.getvalue().count("AI: ") == 1 and "Ctrl-C again" not in out.getvalue()
 
 
-def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(reference, checkpoint_dir, monkeypatch):  # noqa: F811
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(reference, chat_checkpoint_dir, monkeypatch):
     from viscpm.pipelines.chat import VisCPMChat
 
     real = VisCPMChat.stream_chat
@@ -99,12 +97,12 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(reference, checkpoint_dir, 
     monkeypatch.setattr(VisCPMChat, "stream_chat", interrupted_once)
     out = io.StringIO()
     # the Ctrl-C that stopped an answer does not count towards quitting: one more at the prompt does not quit
-    assert run_chat(chat_args(reference, checkpoint_dir), stdin=Script("one", CTRL_C, "two"), stdout=out) == 0
+    assert run_chat(chat_args(reference, chat_checkpoint_dir), stdin=Script("one", CTRL_C, "two"), stdout=out) == 0
     assert "(interrupted / 已中断)" in out.getvalue() and out.getvalue().count("AI: ") == 2
     assert calls[1].startswith("User: one\nAI: ")  # what was written of the stopped answer stays in the conversation
 
 
-def test_ctrl_c_while_an_image_loads_keeps_the_chat_and_the_old_image(reference, checkpoint_dir,  # noqa: F811
+def test_ctrl_c_while_an_image_loads_keeps_the_chat_and_the_old_image(reference, chat_checkpoint_dir,
                                                                      monkeypatch, asked):
     from viscpm.pipelines.chat import VisCPMChat
 
@@ -120,28 +118,28 @@ def test_ctrl_c_while_an_image_loads_keeps_the_chat_and_the_old_image(reference,
     figures = reference / "data" / "figures"
     out = io.StringIO()
     keys = Script(f":image {figures / 'vlu_case1.png'}", f":image {figures / 'vlu_case2.jpeg'}", "hi")
-    assert run_chat(chat_args(reference, checkpoint_dir), stdin=keys, stdout=out) == 0
+    assert run_chat(chat_args(reference, chat_checkpoint_dir), stdin=keys, stdout=out) == 0
     assert "(interrupted / 已中断)" in out.getvalue() and out.getvalue().count("AI: ") == 1
     assert asked == [(str(figures / "vlu_case1.png"), "")]  # the first image is still the one loaded
 
 
-def test_without_an_image_the_chat_says_so_and_how_to_load_one(reference, checkpoint_dir, capsys):  # noqa: F811
+def test_without_an_image_the_chat_says_so_and_how_to_load_one(reference, chat_checkpoint_dir, capsys):
     image = str(reference / "data" / "figures" / "vlu_case1.png")
     out = io.StringIO()
-    assert run_chat(chat_args(reference, checkpoint_dir), stdin=Script(f":image {image}", "hi", ":image", "hi"),
+    assert run_chat(chat_args(reference, chat_checkpoint_dir), stdin=Script(f":image {image}", "hi", ":image", "hi"),
                     stdout=out) == 0
     banner, after_loading = out.getvalue().split(f"(image / 图片: {image})")
     assert "no image loaded" in banner and "`:image PATH`" in banner
     assert "no image loaded" in after_loading  # said again when `:image` alone dropped the image
 
     out = io.StringIO()
-    assert run_chat(chat_args(reference, checkpoint_dir, "--image", image), stdin=Script("hi"), stdout=out) == 0
+    assert run_chat(chat_args(reference, chat_checkpoint_dir, "--image", image), stdin=Script("hi"), stdout=out) == 0
     assert "no image loaded" not in out.getvalue() and f"(image / 图片: {image})" in out.getvalue()
 
     # one question: the answer alone on stdout, the notice on stderr
     out = io.StringIO()
-    assert run_chat(chat_args(reference, checkpoint_dir, "what is this?"), stdout=out) == 0
+    assert run_chat(chat_args(reference, chat_checkpoint_dir, "what is this?"), stdout=out) == 0
     stderr = capsys.readouterr().err
     assert "no image loaded" in stderr and "--image PATH" in stderr and "no image" not in out.getvalue()
-    assert run_chat(chat_args(reference, checkpoint_dir, "what is this?", "--image", image), stdout=out) == 0
+    assert run_chat(chat_args(reference, chat_checkpoint_dir, "what is this?", "--image", image), stdout=out) == 0
     assert "no image loaded" not in capsys.readouterr().err

@@ -65,6 +65,7 @@ def test_convert_casts_dtype(official_pt, tmp_path):
     assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.bfloat16}
 
 
+@pytest.mark.slow
 def test_quantized_loading_equals_quantizing_after_loading(official_pt, image):
     from viscpm.quantization import Int8Linear, quantize_module
 

@@ -12,7 +12,7 @@ from viscpm.image_processing import ImageError
 from viscpm.pipelines.edit import prepare_edit
 from viscpm.pipelines.paint import SCHEDULERS, build_scheduler
 
-from .test_paint_pipeline import SIZE, checkpoint_dir, painter, pixels  # noqa: F401  (fixtures)
+from .test_paint_pipeline import SIZE, painter, pixels  # noqa: F401  (fixtures)
 
 PROMPT = "a red square"
 STEPS = 4

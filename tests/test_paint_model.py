@@ -180,6 +180,7 @@ def test_freeze_flags(reference):
         PaintModel(config, unet_trainable="attn1")
 
 
+@pytest.mark.slow
 def test_training_pass_reaches_only_the_trainable_parts(model, golden, tokenizer):
     model.train()
     try:

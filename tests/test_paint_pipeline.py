@@ -37,25 +37,15 @@ def write_vae_folder(reference, folder):
     shutil.copy(reference / "paint" / "tiny_vae.safetensors", folder / "diffusion_pytorch_model.safetensors")
 
 
-@pytest.fixture(scope="module")
-def checkpoint_dir(reference, tmp_path_factory):
-    """The user's layout, in a temp dir: official .pt, vocab.txt and vae/ side by side."""
-    folder = tmp_path_factory.mktemp("official_paint")
-    torch.save(official_tiny_state(reference), folder / CHECKPOINT)
-    shutil.copy(reference / "cpmbee" / "vocab.txt", folder / "vocab.txt")
-    write_vae_folder(reference, folder / "vae")
-    return folder
-
-
-def open_tiny(reference, checkpoint_dir, **options):
+def open_tiny(reference, paint_checkpoint_dir, **options):
     options = {"image_safety_checker": False, "prompt_safety_checker": False, "add_ranker": False, **options}
-    return VisCPMPaint(checkpoint_dir / CHECKPOINT, config_path=reference / "paint" / "tiny_viscpm_paint_config.json",
+    return VisCPMPaint(paint_checkpoint_dir / CHECKPOINT, config_path=reference / "paint" / "tiny_viscpm_paint_config.json",
                        progress_bar=False, **options)
 
 
 @pytest.fixture(scope="module")
-def painter(reference, checkpoint_dir):
-    return open_tiny(reference, checkpoint_dir)
+def painter(reference, paint_checkpoint_dir):
+    return open_tiny(reference, paint_checkpoint_dir)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +103,7 @@ def test_golden_paint_run(painter, golden, case):
     assert (meta.seed, meta.num_inference_steps, meta.scheduler, meta.guidance_scale) == (None, 4, "ddpm", 7.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["en", "zh"])
 def test_seed_api_returns_the_reference_grid(painter, golden, case):
     image = painter.generate(PROMPTS[case], image_size=SIZE, generator=torch.Generator().manual_seed(42),
@@ -148,6 +139,7 @@ def test_ddpm_step_matches_golden_with_the_recorded_noise(reference, golden, mon
     assert not torch.allclose(default[0], golden["en.step0.prev_sample"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_golden_run_catches_a_wrong_scheduler_and_swapped_guidance(painter, reference, golden):
     expected = golden["en.final_latents"]
     sd_config = painter.config.scheduler
@@ -160,6 +152,7 @@ def test_golden_run_catches_a_wrong_scheduler_and_swapped_guidance(painter, refe
     assert (steps[-1]["latents"] - expected).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_golden_run_catches_a_missing_bridge_layernorm(painter, golden):
     bridge = painter.model.bridge
     norm, bridge.norm = bridge.norm, torch.nn.Identity()
@@ -173,6 +166,7 @@ def test_golden_run_catches_a_missing_bridge_layernorm(painter, golden):
 # -- behaviour -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_seeds_reproduce_and_are_reported(painter):
     run = lambda seed: painter.paint("a red square", num_inference_steps=2, seed=seed)[0]
     a, b, c = run(7), run(7), run(8)
@@ -185,19 +179,21 @@ def test_seeds_reproduce_and_are_reported(painter):
         painter.paint("x", seed=1, generator=torch.Generator())
 
 
-def test_layers_offloaded_to_disk_paint_the_same_image(reference, checkpoint_dir, painter, tmp_path):
+@pytest.mark.slow
+def test_layers_offloaded_to_disk_paint_the_same_image(reference, paint_checkpoint_dir, painter, tmp_path):
     """accelerate's dispatch with the text encoder's layers and the UNet on disk (read back at every forward)."""
     placement = {"llm.embed": "cpu", "llm.position_bias": "cpu", "llm.layers.0": "disk", "llm.layers.1": "disk",
                  "llm.final_norm": "cpu", "bridge": "cpu", "unet": "disk"}
-    offloaded = open_tiny(reference, checkpoint_dir, device_map=placement, offload_folder=tmp_path)
+    offloaded = open_tiny(reference, paint_checkpoint_dir, device_map=placement, offload_folder=tmp_path)
     assert offloaded.model.llm.layers[0].attn.q.weight.device.type == "meta"  # not held in memory
     assert offloaded.model.unet.conv_in.weight.device.type == "meta"
     run = lambda p: p.paint("a red square", num_inference_steps=2, seed=5)[0].image
     assert np.array_equal(pixels(run(offloaded)), pixels(run(painter)))
 
 
-def test_auto_placement_fills_memory_then_disk(reference, checkpoint_dir, painter, tmp_path):
-    offloaded = open_tiny(reference, checkpoint_dir, device_map="auto", max_memory={"cpu": "13MB"},
+@pytest.mark.slow
+def test_auto_placement_fills_memory_then_disk(reference, paint_checkpoint_dir, painter, tmp_path):
+    offloaded = open_tiny(reference, paint_checkpoint_dir, device_map="auto", max_memory={"cpu": "13MB"},
                           offload_folder=tmp_path)
     devices = {p.device.type for p in offloaded.model.parameters()}
     assert devices == {"cpu", "meta"}, devices  # some in memory, the rest on disk
@@ -205,13 +201,14 @@ def test_auto_placement_fills_memory_then_disk(reference, checkpoint_dir, painte
     assert np.array_equal(pixels(run(offloaded)), pixels(run(painter)))
 
 
-def test_paint_placements_that_cannot_work_are_refused(reference, checkpoint_dir):
+def test_paint_placements_that_cannot_work_are_refused(reference, paint_checkpoint_dir):
     with pytest.raises(ValueError, match="offload_folder"):
-        open_tiny(reference, checkpoint_dir, device_map={"llm": "disk", "bridge": "cpu", "unet": "cpu"})
+        open_tiny(reference, paint_checkpoint_dir, device_map={"llm": "disk", "bridge": "cpu", "unet": "cpu"})
     with pytest.raises(ValueError, match="device_map must be"):
-        open_tiny(reference, checkpoint_dir, device_map="balanced")
+        open_tiny(reference, paint_checkpoint_dir, device_map="balanced")
 
 
+@pytest.mark.slow
 def test_num_images_per_prompt_and_prompt_lists(painter):
     results = painter.paint("a red square", num_images_per_prompt=3, num_inference_steps=2, seed=10)
     assert len(results) == 3 and all(r.image.size == (SIZE, SIZE) for r in results)
@@ -233,6 +230,7 @@ def test_height_and_width_are_honoured(painter):
     assert result.image.size == (40, 24)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_each_scheduler_by_name_paints(painter, name):
     result = painter.paint("a red square", num_inference_steps=3, scheduler=name, seed=0)[0]
@@ -245,6 +243,7 @@ def test_unknown_scheduler_is_a_clear_error(painter):
         painter.paint("x", scheduler="plms")
 
 
+@pytest.mark.slow
 def test_empty_prompt_is_the_unconditional_sample(painter):
     """Allowed: '' is the official unconditional prompt, so guidance changes nothing."""
     guided = painter.paint("", num_inference_steps=2, seed=3)[0]
@@ -290,6 +289,7 @@ def test_prompts_must_be_text(painter):
         painter.paint(["a cat", 3], num_inference_steps=1)
 
 
+@pytest.mark.slow
 def test_guidance_below_one_turns_guidance_off(painter, caplog):
     with caplog.at_level(logging.WARNING, logger="viscpm"):
         low = painter.paint("a cat", "a dog", guidance_scale=0.5, num_inference_steps=2, seed=4)[0]
@@ -325,12 +325,12 @@ def test_wrong_switches_fail_before_loading_anything(tmp_path, monkeypatch):
         VisCPMPaint(tmp_path / "x.pt", image_safety_checker=True)
 
 
-def test_default_switches(reference, checkpoint_dir):
+def test_default_switches(reference, paint_checkpoint_dir):
     """None: the lexicon prompt checker; NudeNet when installed; no ranker (no chat model comes
     with an official checkpoint)."""
     from viscpm.safety import LexiconChecker, NudeNetImageChecker, nudenet_available
 
-    painter = VisCPMPaint(checkpoint_dir / CHECKPOINT, config_path=reference / "paint" / "tiny_viscpm_paint_config.json",
+    painter = VisCPMPaint(paint_checkpoint_dir / CHECKPOINT, config_path=reference / "paint" / "tiny_viscpm_paint_config.json",
                           progress_bar=False)
     assert isinstance(painter.prompt_safety_checker, LexiconChecker)
     assert isinstance(painter.image_safety_checker, NudeNetImageChecker if nudenet_available() else type(None))
@@ -345,6 +345,7 @@ def test_default_switches(reference, checkpoint_dir):
     assert not result.flagged and result.flag_reason is None
 
 
+@pytest.mark.slow
 def test_switches_per_call(painter):
     """The painter was built with everything off; one call can turn each on or plug in its own."""
     with pytest.raises(RefusedPrompt, match="blocked term 'porn'"):
@@ -388,14 +389,15 @@ def test_a_ranked_image_repaints_alone_from_its_reported_seed(painter):
     assert len({s for r in results for s in r.metadata["ranker"]["candidate_seeds"]}) == 6  # no shared noise
 
 
-def test_pluggable_checkers_and_ranker(reference, checkpoint_dir, caplog):
+@pytest.mark.slow
+def test_pluggable_checkers_and_ranker(reference, paint_checkpoint_dir, caplog):
     seen = {}
 
     def ranker(prompt, images):
         seen["ranked"] = (prompt, len(images))
         return [0.1, 0.9, 0.5, 0.7]
 
-    painter = open_tiny(reference, checkpoint_dir, image_safety_checker=lambda im: True,
+    painter = open_tiny(reference, paint_checkpoint_dir, image_safety_checker=lambda im: True,
                         prompt_safety_checker=lambda text: "forbidden" in text, add_ranker=ranker)
     with pytest.raises(RefusedPrompt, match="forbidden"):
         painter.paint("something forbidden")
@@ -408,9 +410,9 @@ def test_pluggable_checkers_and_ranker(reference, checkpoint_dir, caplog):
     assert painter.generate("a cat", image_size=SIZE, num_inference_steps=1).size == (SIZE, SIZE)
 
 
-def test_ranker_prefers_unflagged_images(reference, checkpoint_dir):
+def test_ranker_prefers_unflagged_images(reference, paint_checkpoint_dir):
     flags = iter([True, False, True, False])
-    painter = open_tiny(reference, checkpoint_dir, image_safety_checker=lambda im: next(flags),
+    painter = open_tiny(reference, paint_checkpoint_dir, image_safety_checker=lambda im: next(flags),
                         add_ranker=lambda prompt, images: [0.9, 0.2, 0.8, 0.3])
     result = painter.paint("a cat", num_inference_steps=1, seed=0)[0]
     assert not result.flagged and result.score == 0.3
@@ -419,6 +421,7 @@ def test_ranker_prefers_unflagged_images(reference, checkpoint_dir):
 # -- loading and saving ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_save_pretrained_round_trip(painter, tmp_path):
     folder = painter.save_pretrained(tmp_path / "saved")
     assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "vocab.txt", "vae",
@@ -430,6 +433,7 @@ def test_save_pretrained_round_trip(painter, tmp_path):
     assert np.array_equal(pixels(a.image), pixels(b.image))
 
 
+@pytest.mark.slow
 def test_a_model_folder_sets_its_own_default_guidance(painter, tmp_path):
     """generation_config.json beside the weights changes what a call without guidance_scale paints;
     an explicit guidance_scale still wins."""
@@ -482,10 +486,10 @@ def test_a_bad_generation_config_is_a_clear_error(painter, tmp_path, text, messa
         VisCPMPaint(folder, False, False, False, progress_bar=False)
 
 
-def test_fp16_checkpoint_keeps_the_llm_in_fp16_and_the_rest_in_fp32(reference, checkpoint_dir, tmp_path):
+def test_fp16_checkpoint_keeps_the_llm_in_fp16_and_the_rest_in_fp32(reference, paint_checkpoint_dir, tmp_path):
     """As officially: CPM-Bee in the checkpoint's half precision, bridge/UNet/VAE in fp32."""
     folder = tmp_path / "half"
-    shutil.copytree(checkpoint_dir, folder)
+    shutil.copytree(paint_checkpoint_dir, folder)
     torch.save({k: v.half() for k, v in official_tiny_state(reference).items()}, folder / CHECKPOINT)
     painter = open_tiny(reference, folder)
     assert painter.model.llm.embed.weight.dtype == torch.float16
@@ -503,16 +507,16 @@ def test_painted_image_saves_png_with_settings(painter, tmp_path):
     assert settings["prompt"] == "海上生明月" and settings["seed"] == 11 and settings["scheduler"] == "ddpm"
 
 
-def test_vae_can_be_given_or_found_inside_a_stable_diffusion_folder(reference, checkpoint_dir, tmp_path):
+def test_vae_can_be_given_or_found_inside_a_stable_diffusion_folder(reference, paint_checkpoint_dir, tmp_path):
     write_vae_folder(reference, tmp_path / "sd21" / "vae")
-    painter = open_tiny(reference, checkpoint_dir, vae_path=tmp_path / "sd21")  # the folder holding vae/
+    painter = open_tiny(reference, paint_checkpoint_dir, vae_path=tmp_path / "sd21")  # the folder holding vae/
     assert painter.vae_scale_factor == 2
 
 
-def test_missing_parts_give_clear_errors(reference, checkpoint_dir, tmp_path):
+def test_missing_parts_give_clear_errors(reference, paint_checkpoint_dir, tmp_path):
     lonely = tmp_path / "lonely"
     lonely.mkdir()
-    shutil.copy(checkpoint_dir / CHECKPOINT, lonely / CHECKPOINT)
+    shutil.copy(paint_checkpoint_dir / CHECKPOINT, lonely / CHECKPOINT)
     with pytest.raises(CheckpointError, match="vocab not found"):
         open_tiny(reference, lonely)
     shutil.copy(reference / "cpmbee" / "vocab.txt", lonely / "vocab.txt")

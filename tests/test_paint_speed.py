@@ -63,6 +63,7 @@ def paint(painter, **options) -> tuple[np.ndarray, torch.Tensor]:
     return np.stack([np.asarray(r.image) for r in results]).astype(int), final[-1]
 
 
+@pytest.mark.slow
 def test_guidance_is_one_batched_unet_call_per_step(painter):
     batches = []
     hook = painter.model.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
@@ -78,6 +79,7 @@ def test_attention_runs_through_scaled_dot_product_attention(painter):
     assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slicing", ["auto", "max", 1])
 def test_attention_slicing_paints_the_plain_images(painter, model_dir, slicing):
     sliced = open_painter(model_dir, memory=MemoryOptions(attention_slicing=slicing))
@@ -88,6 +90,7 @@ def test_attention_slicing_paints_the_plain_images(painter, model_dir, slicing):
     assert np.abs(sliced_pixels - plain_pixels).max() <= 1
 
 
+@pytest.mark.slow
 def test_vae_slicing_paints_the_plain_images(painter, model_dir):
     sliced = open_painter(model_dir, memory=MemoryOptions(vae_slicing=True))
     plain_pixels, _ = paint(painter, num_images_per_prompt=3)
@@ -95,6 +98,7 @@ def test_vae_slicing_paints_the_plain_images(painter, model_dir):
     assert np.abs(sliced_pixels - plain_pixels).max() <= 1
 
 
+@pytest.mark.slow
 def test_vae_tiling_is_exact_within_one_tile_and_near_beyond(painter, model_dir, monkeypatch):
     tiled = open_painter(model_dir, memory=MemoryOptions(vae_tiling=True))
     calls = []
@@ -116,6 +120,7 @@ def test_vae_tiling_is_exact_within_one_tile_and_near_beyond(painter, model_dir,
     assert np.abs(tiled_pixels - plain_pixels).mean() < 16
 
 
+@pytest.mark.slow
 def test_fast_preset_is_deterministic_with_a_seed(painter):
     first = painter.paint(PROMPT, preset="fast", seed=3, guidance_scale=4.0)
     again = painter.paint(PROMPT, preset="fast", seed=3, guidance_scale=4.0)
@@ -126,6 +131,7 @@ def test_fast_preset_is_deterministic_with_a_seed(painter):
     assert np.array_equal(np.asarray(explicit[0].image), np.asarray(first[0].image))
 
 
+@pytest.mark.slow
 def test_the_default_is_the_official_sampler_and_explicit_settings_override_a_preset(painter):
     (default,) = painter.paint(PROMPT, seed=1, num_inference_steps=2)
     assert (default.scheduler, default.num_inference_steps) == ("ddpm", 2)
@@ -143,6 +149,7 @@ def test_bad_speed_options_are_refused_clearly(painter, model_dir):
         open_painter(model_dir, memory={"vae_tiling": True})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["ddpm", "dpm++", "dpm++-sde"])
 def test_our_loop_paints_what_diffusers_stable_diffusion_pipeline_paints(painter, scheduler):
     """The loop bench/paint.py times against: same UNet, VAE, scheduler, seed and prompt states."""
@@ -159,6 +166,7 @@ def test_our_loop_paints_what_diffusers_stable_diffusion_pipeline_paints(painter
 
 
 
+@pytest.mark.slow
 def test_cli_preset_and_memory_flags(model_dir, tmp_path, monkeypatch):
     from viscpm import cli
     from viscpm.pipelines import paint as paint_module

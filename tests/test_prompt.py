@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from .conftest import REFERENCE, load_json
+from .conftest import load_json
 from safetensors.torch import load_file
 
 from viscpm.prompt import (
@@ -27,10 +27,12 @@ from viscpm.tokenization import CPMBeeTokenizer
 V = 86583
 Q = 8  # query_num of the tiny chat goldens
 
-_CONVERT_PATH = REFERENCE / "cpmbee" / "convert_cases.json"
-_CONVERT = load_json(_CONVERT_PATH)["cases"] if _CONVERT_PATH.is_file() else {}
-_META_PATH = REFERENCE / "llm" / "tiny_cpmbee_golden_meta.json"
-_META = load_json(_META_PATH) if _META_PATH.is_file() else {"forward": {}, "inference": {}}
+# The golden cases by name, so that they are collected (and skipped) without the reference data too;
+# test_case_names_cover_the_golden_files keeps these lists equal to the files.
+CONVERT_CASES = ("chat_en_q8", "chat_en_q64", "chat_multiturn_q8", "chat_zh_q8", "chat_zh_multiturn_q8", "chat_emoji_q8",
+                 "paint_en", "paint_zh", "paint_uncond", "chat_emoji_q8_escaped", "nested_ans")
+FORWARD_CASES = ("paint_en", "paint_zh", "chat_multiturn_q8")
+INFERENCE_CASES = ("chat_en_q8", "chat_zh_multiturn_q8", "chat_unk_ext_q8")
 
 # golden key -> BeeInputs field
 _FORWARD_NAMES = {"input": "input_ids", "input_sub": "input_id_subs", "segment": "segment_ids"}
@@ -53,6 +55,16 @@ def paint_golden(reference: Path) -> dict[str, torch.Tensor]:
     return load_file(reference / "paint" / "tiny_viscpm_paint_golden.safetensors")
 
 
+@pytest.fixture(scope="module")
+def convert_cases(reference: Path) -> dict:
+    return load_json(reference / "cpmbee" / "convert_cases.json")["cases"]
+
+
+@pytest.fixture(scope="module")
+def golden_meta(reference: Path) -> dict:
+    return load_json(reference / "llm" / "tiny_cpmbee_golden_meta.json")
+
+
 def _assert_equal(ours: torch.Tensor, golden: torch.Tensor, name: str) -> None:
     assert ours.shape == golden.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(golden.shape)}"
     assert torch.equal(ours, golden.to(ours.dtype)), f"{name}: {ours.tolist()} != {golden.tolist()}"
@@ -66,9 +78,9 @@ def _assert_dtypes(inputs: BeeInputs) -> None:
 
 
 # ----------------------------------------------------------------------------- convert_data_to_id
-@pytest.mark.parametrize("name", list(_CONVERT))
-def test_convert_golden(tok: CPMBeeTokenizer, name: str) -> None:
-    case = _CONVERT[name]
+@pytest.mark.parametrize("name", CONVERT_CASES)
+def test_convert_golden(tok: CPMBeeTokenizer, name: str, convert_cases: dict) -> None:
+    case = convert_cases[name]
     if "error" in case:
         with pytest.raises(ValueError, match="Invalid token <b>"):
             convert_data_to_id(tok, case["data"])
@@ -90,8 +102,9 @@ def test_convert_golden(tok: CPMBeeTokenizer, name: str) -> None:
     assert out.image_bound.tolist() == case["image_bound"]
 
 
-def test_convert_cases_cover_the_golden_file() -> None:
-    assert len(_CONVERT) == 11 and "chat_emoji_q8" in _CONVERT and "nested_ans" in _CONVERT
+def test_case_names_cover_the_golden_files(convert_cases: dict, golden_meta: dict) -> None:
+    assert tuple(convert_cases) == CONVERT_CASES
+    assert tuple(golden_meta["forward"]) == FORWARD_CASES and tuple(golden_meta["inference"]) == INFERENCE_CASES
 
 
 def test_segment_rel_clamps_deep_nesting(tok: CPMBeeTokenizer) -> None:
@@ -117,9 +130,9 @@ def test_convert_rejects_non_string_values(tok: CPMBeeTokenizer) -> None:
 
 
 # ----------------------------------------------------------------------------- forward collater
-@pytest.mark.parametrize("case", list(_META["forward"]))
-def test_collate_matches_forward_golden(tok: CPMBeeTokenizer, llm_golden: dict, case: str) -> None:
-    meta = _META["forward"][case]
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_collate_matches_forward_golden(tok: CPMBeeTokenizer, llm_golden: dict, case: str, golden_meta: dict) -> None:
+    meta = golden_meta["forward"][case]
     prompt = convert_data_to_id(tok, meta["data"])
     # The golden was collated alone with max_len = its own length.
     inputs = collate_for_forward([prompt], tok, max_len=meta["seq_len"])
@@ -159,9 +172,9 @@ def test_collate_right_pads_paint_batch(
     assert batch.length.tolist() == [max_len, 14]
 
 
-def test_collate_targets_with_ext_subs(tok: CPMBeeTokenizer) -> None:
+def test_collate_targets_with_ext_subs(tok: CPMBeeTokenizer, convert_cases: dict) -> None:
     """Two answer slots: the second <ans> has sub 1 and is labelled with its ext column."""
-    prompt = convert_data_to_id(tok, _CONVERT["nested_ans"]["data"])
+    prompt = convert_data_to_id(tok, convert_cases["nested_ans"]["data"])
     inputs = collate_for_forward([prompt], tok)
     # context = 1*16, 0, 0, 1, 1, 1, 0, 0; ids ... 16:bos 17:<ans> 18:bos ... 21:bos 22:<ans>/sub 1
     expected = [-100] * 23
@@ -183,26 +196,26 @@ def test_collate_never_labels_position_zero(tok: CPMBeeTokenizer) -> None:
     assert collate_for_forward([prompt], tok).target.tolist() == [[-100, 10, -100]]
 
 
-def test_collate_rejects_too_long(tok: CPMBeeTokenizer) -> None:
-    chat = convert_data_to_id(tok, _CONVERT["chat_en_q8"]["data"])
+def test_collate_rejects_too_long(tok: CPMBeeTokenizer, convert_cases: dict) -> None:
+    chat = convert_data_to_id(tok, convert_cases["chat_en_q8"]["data"])
     with pytest.raises(ValueError, match="37 tokens, longer than max_len=30"):
         collate_for_forward([chat], tok, max_len=30)
     with pytest.raises(ValueError, match="at least one prompt"):
         collate_for_forward([], tok)
 
 
-def test_collate_mixed_image_counts(tok: CPMBeeTokenizer) -> None:
-    chat = convert_data_to_id(tok, _CONVERT["chat_en_q8"]["data"])
-    paint = convert_data_to_id(tok, _CONVERT["paint_en"]["data"])
+def test_collate_mixed_image_counts(tok: CPMBeeTokenizer, convert_cases: dict) -> None:
+    chat = convert_data_to_id(tok, convert_cases["chat_en_q8"]["data"])
+    paint = convert_data_to_id(tok, convert_cases["paint_en"]["data"])
     inputs = collate_for_forward([paint, chat], tok)
     assert inputs.image_bound.tolist() == [[[0, 0]], [[7, 15]]]  # no image -> empty bound
     assert inputs.input_ids.shape == (2, 37) and inputs.length.tolist() == [23, 37]
 
 
 # ----------------------------------------------------------------------------- generation packing
-@pytest.mark.parametrize("case", list(_META["inference"]))
-def test_pack_matches_process_list_golden(tok: CPMBeeTokenizer, llm_golden: dict, case: str) -> None:
-    meta = _META["inference"][case]
+@pytest.mark.parametrize("case", INFERENCE_CASES)
+def test_pack_matches_process_list_golden(tok: CPMBeeTokenizer, llm_golden: dict, case: str, golden_meta: dict) -> None:
+    meta = golden_meta["inference"][case]
     official_dict = meta["data_dict_before_placeholder"]
     assert official_dict["image"] == "<unk>" * Q
     user_fields = {k: v for k, v in official_dict.items() if k != "image"}
@@ -223,9 +236,9 @@ def test_pack_matches_process_list_golden(tok: CPMBeeTokenizer, llm_golden: dict
     assert packed.rev_ext_tables == [{int(k): v for k, v in meta["rev_ext_table"].items()}]
 
 
-def test_pack_dict_with_image_key_and_query_num_zero(tok: CPMBeeTokenizer, llm_golden: dict) -> None:
+def test_pack_dict_with_image_key_and_query_num_zero(tok: CPMBeeTokenizer, llm_golden: dict, golden_meta: dict) -> None:
     """A caller may also hand over the complete dict (image placeholders included) with query_num=0."""
-    meta = _META["inference"]["chat_en_q8"]
+    meta = golden_meta["inference"]["chat_en_q8"]
     packed = pack_for_generation(tok, [meta["data_dict_before_placeholder"]], query_num=0)
     _assert_equal(packed.inputs.input_ids, llm_golden["inference.chat_en_q8.process_list.input_ids"], "ids")
     with pytest.raises(ValueError, match="filled in from query_num"):
@@ -294,11 +307,11 @@ def test_pack_text_only_turn(tok: CPMBeeTokenizer) -> None:
     assert packed.predict_segments == [[(6, 1)]]  # root, 2 x (key, value), <ans> key, slot
 
 
-def test_pack_nested_answer_template(tok: CPMBeeTokenizer) -> None:
+def test_pack_nested_answer_template(tok: CPMBeeTokenizer, convert_cases: dict) -> None:
     packed = pack_for_generation(tok, [{"input": "translate", "<ans>": {"en": "", "zh": ""}}], query_num=0)
     assert packed.predict_segments == [[(5, 1), (7, 2)]]
     assert packed.answer_placeholders == [[["en"], ["zh"]]]
-    golden = _CONVERT["nested_ans"]
+    golden = convert_cases["nested_ans"]
     keep = np.array(golden["context"]) == 1
     assert packed.inputs.input_ids[0].tolist() == np.array(golden["input_ids"])[keep].tolist()
 
@@ -319,12 +332,12 @@ def test_question_with_angle_brackets(tok: CPMBeeTokenizer, question: str, rev_e
     assert packed.predict_segments == [[(8, 1)]]
 
 
-def test_escaped_question_matches_official(tok: CPMBeeTokenizer) -> None:
+def test_escaped_question_matches_official(tok: CPMBeeTokenizer, convert_cases: dict) -> None:
     """The official code crashes on raw '<b>' (chat_emoji_q8); escaped, it gives these ids."""
-    raw = _CONVERT["chat_emoji_q8"]["data"]["question"]
+    raw = convert_cases["chat_emoji_q8"]["data"]["question"]
     with pytest.raises(ValueError, match="Invalid token <b>"):
         pack_for_generation(tok, [{"context": "", "question": raw}], Q)
-    golden = _CONVERT["chat_emoji_q8_escaped"]
+    golden = convert_cases["chat_emoji_q8_escaped"]
     assert golden["data"]["question"] == tok.escape(raw)
     packed = pack_for_generation(tok, [{"context": "", "question": tok.escape(raw)}], Q)
     keep = np.array(golden["context"]) == 1

@@ -17,7 +17,6 @@ from viscpm.rerank import QUESTIONS, ChatSelfRanker, ChineseCLIPRanker, load_ran
 from viscpm.rerank.evaluate import evaluate_reranking
 
 from .test_chat_model import official_tiny_state as chat_state
-from .test_paint_pipeline import checkpoint_dir as paint_dir  # noqa: F401  (fixture)
 from .test_paint_pipeline import open_tiny
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz", "cat", "red", "猫", "红", "色"]
@@ -132,8 +131,9 @@ def test_self_rank_batches_give_the_same_scores(chat):
                                ChatSelfRanker(chat)("a <b> cat", candidates), rtol=1e-5, atol=1e-6)
 
 
-def test_paint_keeps_the_candidate_the_chat_model_likes_best(reference, paint_dir, chat):  # noqa: F811
-    painter = open_tiny(reference, paint_dir, add_ranker=chat)  # a VisCPMChat: self-reranking with it
+@pytest.mark.slow
+def test_paint_keeps_the_candidate_the_chat_model_likes_best(reference, paint_checkpoint_dir, chat):
+    painter = open_tiny(reference, paint_checkpoint_dir, add_ranker=chat)  # a VisCPMChat: self-reranking with it
     assert isinstance(painter.ranker, ChatSelfRanker)
     result = painter.paint("a red cat", num_inference_steps=1, seed=20)[0]
     ranked = result.metadata["ranker"]
@@ -210,6 +210,7 @@ def test_adherence_with_and_without_reranking(tmp_path):
     assert metrics["rerank_items"] > 0 and set(metrics["rerank_seconds_per_prompt"]) == {"paint", "knows", "first"}
 
 
+@pytest.mark.slow
 def test_packaged_painter_self_reranks_with_the_packaged_chat_model():
     from viscpm.pipelines.defaults import has_default_model
     from viscpm.pipelines.paint import VisCPMPaint

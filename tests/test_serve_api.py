@@ -17,10 +17,7 @@ from PIL import Image
 
 from viscpm.prompt import append_turn
 
-from .serve_fixtures import (  # noqa: F401  (fixtures)
-    counting_calls, data_url, image_path, running, server, serve_models_dir, serving, tiny_chat, tiny_paint,
-    wait_idle,
-)
+from .serve_fixtures import counting_calls, data_url, running, serving, wait_idle
 
 
 def client(url: str, api_key: str = "unused") -> openai.OpenAI:

@@ -10,9 +10,8 @@ import shutil
 import pytest
 from playwright.sync_api import expect
 
-from .serve_fixtures import (  # noqa: F401  (fixtures)
-    counting_calls, image_path, server, serve_models_dir, tiny_chat, tiny_paint, wait_idle,
-)
+from .serve_fixtures import counting_calls, wait_idle
+
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # as root, without a network: no sandbox, no GPU, none of Chromium's own background connections

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .serve_fixtures import (  # noqa: F401  (fixtures)
-    data_url, image_bytes, png_bytes, serve_models_dir, serving, tiny_chat, tiny_paint,
-)
+from .serve_fixtures import data_url, image_bytes, png_bytes, serving
+
 
 KEY = "test-key"
 LIMITS = dict(api_key=KEY, max_image_bytes=50_000, max_image_pixels=1_000_000, max_request_bytes=1_000_000)

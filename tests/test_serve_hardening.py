@@ -20,9 +20,7 @@ from viscpm.serve.runners import PaintWork, run_paint
 from viscpm.serve.settings import allowed_hosts_for
 from viscpm.serve.worker import Job
 
-from .serve_fixtures import (  # noqa: F401  (fixtures)
-    server, serve_models_dir, serving, tiny_chat, tiny_paint,
-)
+from .serve_fixtures import serving
 
 CHAT, PAINT = "/v1/chat/completions", "/v1/images/generations"
 

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from .serve_fixtures import serve_models_dir, serving, tiny_chat, tiny_paint  # noqa: F401  (fixtures)
+from .serve_fixtures import serving
 
 LINE = re.compile(r"^(GET|POST) (/\S*) (\d{3}) (\d+\.\d\d)s")
 
@@ -46,7 +46,7 @@ def test_every_request_is_logged_with_its_status_and_duration(tiny_chat, tiny_pa
         assert httpx.get(url + "/v1/models").status_code == 401  # the guard's refusal
         assert httpx.post(url + "/v1/chat/completions", headers=key, content=b"x" * 30_000).status_code == 413
         assert httpx.post(url + "/v1/chat/completions", headers=key, json={"messages": []}).status_code == 400
-        paint = {"prompt": "x", "num_inference_steps": 100, "size": "64x64"}  # refused at once: over the time limit
+        paint = {"prompt": "x", "num_inference_steps": 100, "n": 4, "size": "64x64"}  # refused at once: over the time limit
         assert httpx.post(url + "/v1/images/generations", headers=key, json=paint, timeout=60).status_code == 400
         story = {"messages": [{"role": "user", "content": "story"}], "max_tokens": 1000}
         assert httpx.post(url + "/v1/chat/completions", headers=key, json=story, timeout=60).status_code == 504
@@ -68,7 +68,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_viscpm_serve_logs_requests_without_verbose(reference, serve_models_dir):  # noqa: F811
+def test_viscpm_serve_logs_requests_without_verbose(reference, serve_models_dir):
     port = free_port()
     command = [sys.executable, "-m", "viscpm.cli", "serve", "--no-paint", "--port", str(port), "--timeout", "0.3",
                "--chat", str(serve_models_dir / "chat" / "viscpm_chat_tiny_checkpoint.pt"),

@@ -8,9 +8,7 @@ import json
 import httpx
 import openai
 
-from .serve_fixtures import (  # noqa: F401  (fixtures)
-    counting_calls, serve_models_dir, server, tiny_chat, tiny_paint, wait_idle,
-)
+from .serve_fixtures import counting_calls, wait_idle
 
 
 def read_events(response: httpx.Response) -> list[tuple[str, dict]]:

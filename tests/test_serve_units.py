@@ -26,9 +26,7 @@ from viscpm.serve.runners import ChatRunner, ChatWork
 from viscpm.serve.schemas import ChatCompletionRequest, ImageGenerationRequest, Message
 from viscpm.serve.worker import Job, QueueFull, Worker
 
-from .serve_fixtures import (  # noqa: F401  (fixtures)
-    CHAT_CHECKPOINT, PAINT_CHECKPOINT, data_url, png_bytes, running, serve_models_dir, tiny_chat,
-)
+from .serve_fixtures import CHAT_CHECKPOINT, PAINT_CHECKPOINT, data_url, png_bytes, running
 
 PNG = png_bytes(Image.new("RGB", (20, 10), (0, 128, 255)))
 

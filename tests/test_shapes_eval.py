@@ -84,6 +84,7 @@ def test_paint_adherence_follows_the_images(eval_dir):
     assert set(evaluate_paint(Renderer(eval_dir, perfect=False), eval_dir)["paint_adherence"].values()) == {0.0}
 
 
+@pytest.mark.slow
 def test_eval_paints_at_the_guidance_asked_for_not_the_models_default(eval_dir, tmp_path):
     """README's tables paint at guidance 4 whatever a model's own default; --guidance changes it."""
     out = tmp_path / "metrics.json"

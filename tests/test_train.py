@@ -135,6 +135,7 @@ def test_config_errors_are_clear(tmp_path, world):
         TrainConfig.from_file(tmp_path / "missing.toml")
 
 
+@pytest.mark.slow
 def test_vae_stage_learns_to_reconstruct(tmp_path, world):
     vae_config = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [8, 16],
                   "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
@@ -198,6 +199,7 @@ def _tiny_paint(tmp_path, world):
     return tmp_path / "paint.json", tmp_path / "vae-folder"
 
 
+@pytest.mark.slow
 def test_paint_stages_freeze_what_they_should_and_load_in_the_pipeline(tmp_path, world):
     from viscpm.pipelines.paint import VisCPMPaint
 

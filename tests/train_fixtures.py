@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .conftest import REFERENCE
+from viscpm.shapes.corpus import SPECIAL_TOKENS
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
 ZH = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色"}
@@ -18,7 +18,7 @@ VISION = {"image_size": 32, "patch_size": 16, "dim": 32, "num_heads": 2, "ffn_di
 
 
 def write_vocab(path: Path) -> int:
-    specials = (REFERENCE / "cpmbee" / "vocab.txt").read_text(encoding="utf-8").splitlines()[:11]
+    specials = list(SPECIAL_TOKENS[:11])  # the official vocab's first 11 lines (checked in test_shapes_corpus.py)
     words = ["red", "green", "blue", "yellow", "colour", "What", "is", "the", "It", "image", "picture"]
     chars = [c for c in string.printable if c.strip() and c not in "<>"] + sorted(set("".join(ZH.values()) + "这是什么颜色的？图片"))
     lines = specials + [t for t in dict.fromkeys(words + chars) if t not in specials]

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from . import __version__
+from .extras import MissingExtra, require
 
 REFUSED_STATUS = 3  # exit status when a safety checker refused the prompt or image
 
@@ -611,8 +612,7 @@ def build_serve_app(args: argparse.Namespace):
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    uvicorn = require("uvicorn", "serve", "viscpm serve")  # before the models load, which takes a while
     app = build_serve_app(args)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"viscpm serve: page 网页 http://{host}:{args.port}/  ·  API 接口 http://{host}:{args.port}/v1", flush=True)
@@ -728,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Refused as error:  # a safety checker said no: a distinct status, so scripts can tell
         print(f"viscpm {args.command}: {error}", file=sys.stderr)
         return REFUSED_STATUS
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, MissingExtra) as error:
         print(f"viscpm {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

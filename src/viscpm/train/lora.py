@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..extras import require
 from .config import LoraSection
 
 ADAPTER = "default"
@@ -18,12 +19,11 @@ ADAPTER = "default"
 
 def add_lora(module: nn.Module, section: LoraSection) -> nn.Module:
     """Inject adapters into ``module`` in place; only the adapters of ``module`` stay trainable."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
-                        target_modules=list(section.target_modules))
+    peft = require("peft", "train", "LoRA training")
+    config = peft.LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
+                             target_modules=list(section.target_modules))
     try:
-        return inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+        return peft.inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     except ValueError as error:
         raise ValueError(f"LoRA target_modules {list(section.target_modules)} matched nothing usable: {error}") from None
 

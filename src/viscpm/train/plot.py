@@ -5,12 +5,12 @@ import json
 import os
 from pathlib import Path
 
+from ..extras import require
 from .engine import METRICS_NAME
 
 
 def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "train", "viscpm plot")
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
