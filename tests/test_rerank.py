@@ -13,6 +13,7 @@ from PIL import Image
 
 from viscpm.checkpoints import CheckpointError
 from viscpm.pipelines.chat import VisCPMChat
+from viscpm.pipelines.paint import candidate_seed
 from viscpm.rerank import QUESTIONS, ChatSelfRanker, ChineseCLIPRanker, load_ranker
 from viscpm.rerank.evaluate import evaluate_reranking
 
@@ -137,10 +138,11 @@ def test_paint_keeps_the_candidate_the_chat_model_likes_best(reference, paint_ch
     assert isinstance(painter.ranker, ChatSelfRanker)
     result = painter.paint("a red cat", num_inference_steps=1, seed=20)[0]
     ranked = result.metadata["ranker"]
-    assert ranked["name"] == "self" and ranked["candidate_seeds"] == [20, 21, 22, 23]
-    assert result.score == max(ranked["candidate_scores"])
-    assert result.seed == ranked["candidate_seeds"][int(np.argmax(ranked["candidate_scores"]))]
-    alone = painter.paint("a red cat", num_inference_steps=1, seed=result.seed, add_ranker=False)[0]
+    assert ranked["name"] == "self" and ranked["candidate_seeds"] == [candidate_seed(20, j) for j in range(4)]
+    assert result.seed == 20 and result.score == max(ranked["candidate_scores"])
+    assert ranked["chosen"] == int(np.argmax(ranked["candidate_scores"]))
+    chosen_seed = ranked["candidate_seeds"][ranked["chosen"]]  # the chosen candidate, painted alone
+    alone = painter.paint("a red cat", num_inference_steps=1, seed=chosen_seed, add_ranker=False)[0]
     assert np.abs(np.asarray(alone.image, int) - np.asarray(result.image, int)).max() <= 1
     scores = ChatSelfRanker(chat)("a red cat", [alone.image])
     assert scores[0] == pytest.approx(result.score, abs=1e-4)

@@ -257,6 +257,13 @@ def run_train(args: argparse.Namespace) -> int:
     check_output_dir(config.train.output_dir, run_fingerprint(args.stage, config), resume=args.resume,
                      overwrite=args.overwrite)
     train(build_recipe(args.stage, config), config, resume=args.resume, overwrite=args.overwrite)
+    import torch
+
+    if torch.distributed.is_initialized():  # skip gloo's teardown, which can deadlock (see train())
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -138,6 +138,9 @@ def parameter_groups(model: nn.Module, t: TrainSection) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+_FINISHED_DISTRIBUTED_RUNS: list = []  # kept alive on purpose: see the end of train()
+
+
 def train(recipe: Recipe, config: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainerState:
     """Run ``recipe`` to ``config.train.max_steps``; returns the final trainer state.
 
@@ -248,6 +251,13 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = False, overwrite: 
         logger.info("stage %s done: final weights in %s", recipe.name, output_dir / "final")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if torch.distributed.is_initialized():
+        # Never free a finished distributed run: freeing the DDP model tears gloo's process group
+        # down, whose destructor joins gloo's worker thread while holding the GIL, and that thread
+        # may still be releasing the last barrier's Python-owned tensors, which needs the GIL: a
+        # deadlock, seen at the exit of 2-process CPU runs. `viscpm train` then ends the process
+        # with os._exit (cli.run_train), so no destructor runs.
+        _FINISHED_DISTRIBUTED_RUNS.append(accelerator)
     return state
 
 
