@@ -18,10 +18,9 @@ from viscpm.cli import main
 from viscpm.evaluation.judge import SYSTEM_PROMPT, Judge, JudgeSettings, JudgeUnavailable, parse_scores
 from viscpm.evaluation.llava_bench import load_bench_set, run_llava_bench
 
-from .conftest import REFERENCE
 
 SERVER = Path(__file__).with_name("llava_judge_server.py")
-LLAVA_DATA = {"en": REFERENCE / "data" / "LLaVA_qa90_en", "zh": REFERENCE / "data" / "translated_LLaVA_qa90"}
+LLAVA_FOLDERS = {"en": "LLaVA_qa90_en", "zh": "translated_LLaVA_qa90"}  # in the reference data's data/
 VOCAB = Path(str(resources.files("viscpm") / "assets" / "chat" / "vocab.txt"))  # the packaged 576-token vocab
 IMAGES = {"000000000101.jpg": (200, 40, 40), "000000000202.jpg": (40, 60, 210)}
 CATEGORIES = ("conv", "detail", "complex")
@@ -290,10 +289,8 @@ LLAVA_FILES = ("qa90_questions", "qa90_gpt4_answer", "caps_boxes_coco2014_val_80
 
 
 @pytest.mark.parametrize("lang", ["en", "zh"])
-def test_the_real_llava_bench_files_load(lang):
-    if not LLAVA_DATA[lang].is_dir():
-        pytest.skip(f"LLaVA-Bench data not found at {LLAVA_DATA[lang]} (../shared/reference/data beside the repo)")
-    bench = load_bench_set(LLAVA_DATA[lang], lang)
+def test_the_real_llava_bench_files_load(reference, lang):
+    bench = load_bench_set(reference / "data" / LLAVA_FOLDERS[lang], lang)
     assert len(bench.items) == 90 and len({i.image for i in bench.items}) == 30
     assert [sum(i.category == c for i in bench.items) for c in CATEGORIES] == [30, 30, 30]
     first = bench.items[0]
@@ -305,22 +302,21 @@ def test_the_real_llava_bench_files_load(lang):
 
 
 @pytest.mark.slow
-def test_a_run_on_the_real_files_with_stand_in_images(world, start_judge, tmp_path):
-    if not all(folder.is_dir() for folder in LLAVA_DATA.values()):
-        pytest.skip(f"LLaVA-Bench data not found at {REFERENCE / 'data'} (../shared/reference/data beside the repo)")
+def test_a_run_on_the_real_files_with_stand_in_images(reference, world, start_judge, tmp_path):
+    data = {lang: reference / "data" / folder for lang, folder in LLAVA_FOLDERS.items()}
     images = tmp_path / "coco"
     images.mkdir()
-    for item in load_bench_set(LLAVA_DATA["en"], "en").items[:3]:
+    for item in load_bench_set(data["en"], "en").items[:3]:
         Image.new("RGB", (40, 30), (90, 120, 30)).save(images / item.image)
     judge = start_judge("rule")
     out = tmp_path / "run"
-    args = ["eval", "llava-bench", "--model", str(world["model"]), "--en-data", str(LLAVA_DATA["en"]), "--zh-data",
-            str(LLAVA_DATA["zh"]), "--images", str(images), "--judge-url", judge.url, "--judge-model", "rule-judge",
+    args = ["eval", "llava-bench", "--model", str(world["model"]), "--en-data", str(data["en"]), "--zh-data",
+            str(data["zh"]), "--images", str(images), "--judge-url", judge.url, "--judge-model", "rule-judge",
             "--out", str(out), "--beams", "1", "--max-new-tokens", "3", "--limit", "3"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     for lang in ("en", "zh"):
         assert report["scores"][lang]["all"]["scored"] == 3
-        assert report["languages"][lang]["data"]["folder"] == str(LLAVA_DATA[lang])
+        assert report["languages"][lang]["data"]["folder"] == str(data[lang])
     contents = [r["body"]["messages"][1]["content"] for r in judge.requests()]
     assert any("two suitcases" in c for c in contents) and any("两个皮箱" in c for c in contents)
