@@ -12,7 +12,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from viscpm.pipelines.defaults import PACKAGED_BYTES_LIMIT

@@ -8,7 +8,6 @@ import pytest
 
 from viscpm.pipelines.defaults import KINDS, PACKAGED_BYTES_LIMIT, default_model_path
 from viscpm.shapes import build_corpora
-from viscpm.shapes.corpus import CorpusSizes
 from viscpm.shapes.evaluate import evaluate_paint, evaluate_qa
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from viscpm.train.config import TrainConfig
-from viscpm.train.engine import latest_checkpoint, train
+from viscpm.train.engine import train
+from viscpm.train.state import latest_checkpoint
 from viscpm.train.recipes import build_recipe
 
 from .train_fixtures import write_config, write_world

@@ -37,8 +37,8 @@ from ..checkpoints import describe_write_error
 from ..models.cpmbee import CPMBee
 from .config import TrainConfig, TrainSection
 from .data import BadRecord, GlobalBatches, shard_for_process
-from .state import (CHECKPOINTS, TrainerState, TrainingStateError, check_output_dir, latest_checkpoint,
-                    load_training_state, replace_checkpoint, rotate_checkpoints, run_fingerprint,
+from .state import (CHECKPOINTS, TrainerState, TrainingStateError, check_output_dir, load_training_state,
+                    replace_checkpoint, rotate_checkpoints, run_fingerprint,
                     save_training_state, start_run)
 
 logger = logging.getLogger(__name__)
