@@ -123,7 +123,8 @@ PEAK_SCRIPT = textwrap.dedent("""
     before = status("VmRSS")
     model, _, _ = load_weights(sys.argv[1], None, config_from_dict=ChatConfig.from_dict, presets=CHAT_PRESETS,
                                build=ChatModel, rules=CHAT_KEY_RULES, quant=None if sys.argv[2] == "none" else sys.argv[2])
-    print(json.dumps({"grew": status("VmHWM") - before, "model": quantized_bytes(model)}))
+    packed = sum(getattr(m, "packed_bytes", 0) for m in model.modules())
+    print(json.dumps({"grew": status("VmHWM") - before, "model": quantized_bytes(model), "packed": packed}))
 """)
 
 
@@ -159,8 +160,9 @@ def test_int8_loading_peaks_near_the_quantized_size(tmp_path):
         results[quant] = json.loads(run.stdout.splitlines()[-1])
     int8, plain = results["int8"], results["none"]
     assert int8["grew"] - plain["grew"] <= 1.3 * int8["model"], results
-    # without quantization the model is the mapped fp16 file itself: about twice the int8 size
-    assert plain["model"] > 1.8 * int8["model"]
+    # without quantization the model is the mapped fp16 file itself: about twice the int8 weights
+    # (the int8 model's size also counts FBGEMM's packed copy of the vocabulary, made for decoding)
+    assert plain["model"] > 1.8 * (int8["model"] - int8["packed"])
 
 
 def test_layers_offloaded_to_disk_give_the_same_answer(official_pt, image, tmp_path):

@@ -160,7 +160,9 @@ def test_int8_cpmbee_logits_stay_close_to_fp32(golden_llm):
     reference = golden_llm(**inputs).logits
     quantized = quantize_module(copy.deepcopy(golden_llm), "int8")
     assert isinstance(quantized.embed, Int8Embedding)
-    assert quantized_bytes(quantized) < 0.3 * quantized_bytes(golden_llm)
+    # a quarter of fp32, plus FBGEMM's packed copy of the vocabulary (one byte per weight) for decoding
+    assert quantized.embed.packed_bytes in (0, quantized.embed.weight.numel())
+    assert quantized_bytes(quantized) - quantized.embed.packed_bytes < 0.3 * quantized_bytes(golden_llm)
     logits = quantized(**inputs).logits
     assert (logits - reference).norm() / reference.norm() < 0.05
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9

@@ -177,6 +177,7 @@ class Int8Embedding(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scale.to(embedding.weight.dtype))
         self.packed = _fbgemm_pack(weight, scale)  # not state: rebuilt from the buffers
+        self.packed_bytes = 0 if self.packed is None else weight.numel()  # ~1 byte per weight, measured
 
     def forward(self, x: torch.Tensor, project: bool = False) -> torch.Tensor:
         if project:  # hidden states -> vocabulary logits
@@ -272,8 +273,9 @@ def quantize_module(module: nn.Module, mode: str, *,
 
 
 def quantized_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer (the model's resident size)."""
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    """Bytes of every parameter and buffer, and of FBGEMM's packed copies (the model's resident size)."""
+    tensors = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    return tensors + sum(getattr(m, "packed_bytes", 0) for m in module.modules())
 
 
 def refuse_quantized(quant: str | None) -> None:
