@@ -19,7 +19,8 @@ import time
 
 import httpx
 
-from viscpm.pipelines.chat import VisCPMChat, _StopText
+from viscpm.pipelines.chat import VisCPMChat
+from viscpm.pipelines.chat_options import StopText
 from viscpm.pipelines.paint import VisCPMPaint
 from viscpm.serve import ServeSettings, create_app
 
@@ -39,7 +40,7 @@ def stop_strings(length: int) -> None:
     old_feed(stop, "a" * length)  # one piece of an answer of "a"s
     old = time.perf_counter() - start
     start = time.perf_counter()
-    cutter = _StopText([stop])
+    cutter = StopText([stop])
     for _ in range(length):
         cutter.feed("a")
     new = time.perf_counter() - start

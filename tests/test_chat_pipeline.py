@@ -12,7 +12,8 @@ from PIL import Image
 
 from viscpm.checkpoints import CheckpointError
 from viscpm.image_processing import ImageError
-from viscpm.pipelines.chat import ContextTooLong, VisCPMChat, _StopText, append_turn, cut_at_stop
+from viscpm.pipelines.chat import ContextTooLong, VisCPMChat, append_turn
+from viscpm.pipelines.chat_options import ChatOptions, StopText, cut_at_stop
 
 
 @pytest.fixture(scope="module")
@@ -48,25 +49,23 @@ def test_two_turns_reproduce_official_beam_search(chat, generate_golden, image, 
 
 @pytest.mark.slow
 def test_beam_search_token_ids_match_official(chat, generate_golden, image):
-    from viscpm.generation import beam_search
-    from viscpm.pipelines.chat import generation_config
+    from viscpm.generation import GenerationConfig, beam_search
 
     turn1 = generate_golden["turns"][0]
     prompt, embeds, _ = chat._prepare([image], [turn1["question"]], [""], [None])
-    tokens = beam_search(chat.model.llm, prompt, generation_config(max_length=16), embeds)[0]
+    tokens = beam_search(chat.model.llm, prompt, GenerationConfig(max_length=16), embeds)[0]
     assert [list(t) for t in tokens] == turn1["decode"]["result_ids"][0]
     assert len(tokens) == 18  # the official length quirk: max_length + 2 when no eos comes
 
 
 @pytest.mark.slow
 def test_max_new_tokens_caps_the_answer(chat, image):
-    from viscpm.generation import beam_search, stream_tokens
-    from viscpm.pipelines.chat import generation_config
+    from viscpm.generation import GenerationConfig, beam_search, stream_tokens
 
     prompt, embeds, _ = chat._prepare([image], ["What is in the image?"], [""], [None])
     for n in (1, 5):
-        assert len(beam_search(chat.model.llm, prompt, generation_config(max_new_tokens=n), embeds)[0]) == n
-        steps = list(stream_tokens(chat.model.llm, prompt, generation_config(max_new_tokens=n, num_beams=1), embeds))
+        assert len(beam_search(chat.model.llm, prompt, GenerationConfig(max_new_tokens=n), embeds)[0]) == n
+        steps = list(stream_tokens(chat.model.llm, prompt, GenerationConfig(max_new_tokens=n, num_beams=1), embeds))
         assert sum(len(s) for s in steps) == n
 
 
@@ -126,7 +125,7 @@ def test_streamed_stop_strings_match_a_plain_search(seed):
     rng = random.Random(seed)
     text = "".join(rng.choice("ab猫") for _ in range(60))
     stops = ["".join(rng.choice("ab猫") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
-    cutter, out, at = _StopText(stops), [], 0
+    cutter, out, at = StopText(stops), [], 0
     while at < len(text) and not cutter.stopped:
         size = rng.randint(1, 5)
         out.append(cutter.feed(text[at : at + size]))
@@ -150,7 +149,7 @@ def test_stop_matching_is_linear_in_text_and_stop_length():
     # string, whether the text ends with it (the old way) reads it len(stop) times per piece
     stop = _CountingStr("a" * 1999 + "b")
     _CountingStr.reads = 0
-    cutter = _StopText([stop])
+    cutter = StopText([stop])
     streamed = "".join(cutter.feed("a") for _ in range(4000)) + cutter.flush()
     assert streamed == "a" * 4000
     assert _CountingStr.reads <= 6 * (4000 + len(stop))  # the old way: about 4000 × 2000

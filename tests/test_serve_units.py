@@ -16,6 +16,7 @@ from PIL import Image
 
 from viscpm.cli import build_parser, build_serve_app, main
 from viscpm.generation import GenerationCancelled
+from viscpm.pipelines.chat_options import ChatOptions
 from viscpm.prompt import append_turn
 from viscpm.serve import ServeSettings, check_binding, is_loopback
 from viscpm.serve.app import chat_options, paint_options
@@ -84,15 +85,29 @@ def options(**fields):
 
 
 def test_decoding_options_follow_the_documented_rules():
-    assert options() == {"max_new_tokens": 256}  # the model's default: VisCPM's beam search
-    assert options(stream=True) == {"max_new_tokens": 256, "num_beams": 1, "do_sample": False}
-    assert options(temperature=0, max_tokens=9) == {"max_new_tokens": 9, "num_beams": 1, "do_sample": False}
-    assert options(temperature=0.8, top_p=0.5, seed=1) == {
-        "max_new_tokens": 256, "num_beams": 1, "do_sample": True, "temperature": 0.8, "top_p": 0.5, "seed": 1}
-    assert options(top_k=5)["temperature"] == 1.0  # OpenAI's default temperature when only top_k is given
-    assert options(num_beams=4, temperature=0.7, stop="\n") == {
-        "max_new_tokens": 256, "num_beams": 4, "do_sample": False, "temperature": 0.7, "stop": ("\n",)}
-    assert options(max_tokens=5, max_completion_tokens=7)["max_new_tokens"] == 7
+    assert options() == ChatOptions(max_new_tokens=256)  # the model's default: VisCPM's beam search
+    assert options(stream=True) == ChatOptions(max_new_tokens=256, num_beams=1, do_sample=False)
+    assert options(temperature=0, max_tokens=9) == ChatOptions(max_new_tokens=9, num_beams=1, do_sample=False)
+    assert options(temperature=0.8, top_p=0.5, seed=1) == ChatOptions(
+        max_new_tokens=256, num_beams=1, do_sample=True, temperature=0.8, top_p=0.5, seed=1)
+    assert options(top_k=5).temperature == 1.0  # OpenAI's default temperature when only top_k is given
+    assert options(num_beams=4, temperature=0.7, stop="\n") == ChatOptions(
+        max_new_tokens=256, num_beams=4, do_sample=False, temperature=0.7, stop=("\n",))
+    assert options(max_tokens=5, max_completion_tokens=7).max_new_tokens == 7
+    assert options(language="auto").language == "auto"
+
+
+def test_requests_asking_the_same_decoding_share_a_batch_key():
+    # the options are the micro-batching key: a default spelled out is the same request
+    assert options(num_beams=3) == options() and hash(options(num_beams=3)) == hash(options())
+    assert options(stop=["\n"]) == options(stop="\n")
+    assert options(language="zh") != options()
+
+
+def test_out_of_range_options_are_a_400_when_the_request_arrives():
+    with pytest.raises(ApiError) as caught:
+        options(repetition_penalty=1e-300)
+    assert caught.value.status == 400 and "repetition_penalty must be in" in caught.value.message
 
 
 def test_paint_options():
@@ -316,7 +331,7 @@ def run_chat_batch(runner: ChatRunner, images: list) -> list[tuple[str, object]]
     async def scenario():
         loop = asyncio.get_running_loop()
         works = [ChatWork(DecodedImage(image, str(image.getpixel((0, 0)))), "What is in the image?", "",
-                          {"num_beams": 1, "max_new_tokens": 4}, {}) for image in images]
+                          ChatOptions(num_beams=1, max_new_tokens=4), {}) for image in images]
         jobs = [Job(runner.run_batch, work, time.monotonic() + 60, loop, "key") for work in works]
         runner.run_batch(jobs)
         return [await job.events.get() for job in jobs]

@@ -10,7 +10,7 @@ text decodes through the prompt's reverse ext table.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -40,7 +40,8 @@ class GenerationCancelled(Exception):
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding options. The defaults are those of the official VisCPM-Chat.
+    """Decoding options over token ids (stop strings and other text options live in the pipelines:
+    :class:`viscpm.pipelines.chat_options.ChatOptions`). The defaults are those of the official VisCPM-Chat.
 
     Length: ``max_new_tokens`` caps the answer at that many tokens. ``max_length`` instead keeps
     the official meaning, where an answer that never ends may reach ``max_length + 2`` tokens
@@ -59,7 +60,6 @@ class GenerationConfig:
     repetition_window: int | None = None
     length_penalty: float = 3.0
     seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
         if self.max_new_tokens is not None and self.max_new_tokens < 1:

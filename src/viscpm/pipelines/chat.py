@@ -22,7 +22,6 @@ written ``<<``; questions and answers are escaped into it here. Returned answers
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -31,11 +30,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..answer_language import AnswerLanguage, check_language
+from ..answer_language import AnswerLanguage
 from ..checkpoints import find_vocab, load_weights, save_folder
-from ..generation import (
-    AnswerTokens, GenerationCancelled, GenerationConfig, beam_search, group_by_slot, stream_tokens,
-)
+from ..generation import AnswerTokens, GenerationCancelled, beam_search, group_by_slot, stream_tokens
 from ..image_processing import DEFAULT_MAX_PIXELS, ImageInput, ImageTransform, load_image
 from ..models.chat import CHAT_KEY_RULES, CHAT_PRESETS, CHAT_UNUSED_OFFICIAL_KEYS, ChatConfig, ChatModel
 from ..prompt import GenerationPrompt, append_turn, pack_for_generation
@@ -43,6 +40,7 @@ from ..placement import dispatch, place
 from ..quantization import refuse_quantized
 from ..safety import ImageChecker, Refused, load_image_checker, verdict
 from ..tokenization import CPMBeeTokenizer
+from .chat_options import ChatOptions, StopText, cut_at_stop
 from .defaults import default_model_path
 
 logger = logging.getLogger(__name__)
@@ -53,7 +51,6 @@ logger = logging.getLogger(__name__)
 # max_length=512 answer of up to 514 tokens = 3514), and a 3000-token prompt with the server's longest
 # answer (1024 tokens); longer contexts are refused, never truncated.
 DEFAULT_MAX_CONTEXT_TOKENS = 4096
-GENERATION_ALIASES = {"beam_size": "num_beams"}  # official option names
 
 
 class RefusedImage(Refused):
@@ -74,85 +71,6 @@ class ContextTooLong(ValueError):
             f"is {budget:,}; start a new conversation (or shorten this one), ask for fewer new tokens "
             "(max_new_tokens), or raise the budget (max_context_tokens; --max-context-tokens on the command line)"
         )
-
-
-def generation_config(**options) -> GenerationConfig:
-    """A GenerationConfig from keyword options (official names such as ``beam_size`` accepted)."""
-    names = {f.name for f in dataclasses.fields(GenerationConfig)}
-    resolved = {}
-    for key, value in options.items():
-        key = GENERATION_ALIASES.get(key, key)
-        if key not in names:
-            raise TypeError(f"unknown generation option {key!r}; known: {sorted(names | set(GENERATION_ALIASES))}")
-        resolved[key] = tuple([value] if isinstance(value, str) else value) if key == "stop" else value
-    return GenerationConfig(**resolved)
-
-
-def _border_table(text: str) -> list[int]:
-    """``table[i]``: the length of the longest proper prefix of ``text[: i + 1]`` that is also its
-    suffix (Knuth-Morris-Pratt's failure function), in O(len(text))."""
-    table, k = [0] * len(text), 0
-    for i in range(1, len(text)):
-        while k and text[i] != text[k]:
-            k = table[k - 1]
-        if text[i] == text[k]:
-            k += 1
-        table[i] = k
-    return table
-
-
-class _StopText:
-    """Cuts streamed text at the first stop string, holding back a tail that might begin one.
-
-    Each stop string is matched by a Knuth-Morris-Pratt automaton fed one character at a time: its
-    state is the longest prefix of the stop string that ends the text so far, which is exactly the
-    tail to hold back. Work is linear in the text plus the stop strings (asking, for every prefix
-    of a stop string, whether the text ends with it costs len(stop)² per piece: 12 s for one stop
-    string of a million characters). The standard library has no incremental matcher, hence our own."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self._tables = [_border_table(s) for s in self.stops]
-        self._states = [0] * len(self.stops)  # matched prefix length per stop string
-        self.pending = ""
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        if not self.stops:
-            return piece
-        held = len(self.pending)
-        self.pending += piece
-        for offset, char in enumerate(piece):
-            end = held + offset + 1  # characters of ``pending`` up to and including this one
-            cut = None
-            for i, (stop, table) in enumerate(zip(self.stops, self._tables)):
-                k = self._states[i]
-                while k and stop[k] != char:
-                    k = table[k - 1]
-                if stop[k] == char:
-                    k += 1
-                if k == len(stop):  # a whole stop string ends here; of several, the one starting first wins
-                    cut = end - k if cut is None else min(cut, end - k)
-                    k = table[k - 1]
-                self._states[i] = k
-            if cut is not None:
-                self.stopped = True
-                out, self.pending = self.pending[:cut], ""
-                return out
-        hold = max(self._states)  # never more than was held plus this piece: a match's start is in ``pending``
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out) :]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    cutter = _StopText(stops)
-    out = cutter.feed(text)
-    return out if cutter.stopped else out + cutter.flush()
 
 
 class VisCPMChat:
@@ -281,11 +199,11 @@ class VisCPMChat:
         return prompt
 
     def check_context(self, question: str, context: str | None = "", *, has_image: bool = True,
-                      **generation_options) -> int:
+                      options: ChatOptions | None = None, **generation_options) -> int:
         """The context tokens one turn needs (prompt + image queries + the longest answer the options
         ask for); raises :class:`ContextTooLong` over the budget. Cheap: it only tokenizes, so a
         server can refuse a request before encoding its image."""
-        answer_tokens = generation_config(**generation_options).last_step + 1
+        answer_tokens = ChatOptions.build(options, **generation_options).last_step + 1
         prompt = self._pack([question], [context], [has_image], answer_tokens)
         return int(prompt.inputs.length[0]) + answer_tokens
 
@@ -320,29 +238,25 @@ class VisCPMChat:
 
     # -- public API --------------------------------------------------------------------------
 
-    def _language(self, language: str | None, questions: Sequence[str]) -> AnswerLanguage | None:
+    def _language(self, options: ChatOptions, questions: Sequence[str]) -> AnswerLanguage | None:
         """The decoding-time answer-language constraint, or None for the official behaviour."""
-        return None if check_language(language) is None else AnswerLanguage(self.tokenizer, language, list(questions))
+        return None if options.language is None else AnswerLanguage(self.tokenizer, options.language, list(questions))
 
-    def _generate(self, images, questions, contexts, vision_hidden_states, options,
-                  image_safety_checker=None, language=None) -> tuple[list[str], list]:
-        # should_stop: asked before every decoding step; True raises GenerationCancelled (servers use
-        # it to stop work for a client that left or timed out)
-        should_stop = options.pop("should_stop", None)
-        config = generation_config(**options)
-        constraint = self._language(language, questions)
+    def _generate(self, images, questions, contexts, vision_hidden_states, options: ChatOptions,
+                  image_safety_checker=None, should_stop=None) -> tuple[list[str], list]:
         prompt, embeds, states = self._prepare(images, questions, contexts, vision_hidden_states, image_safety_checker,
-                                               config.last_step + 1)
-        if config.do_sample or config.num_beams == 1:
+                                               options.last_step + 1)
+        constraint = self._language(options, questions)
+        if options.do_sample or options.num_beams == 1:
             answers: list[AnswerTokens] = [[] for _ in questions]
-            for step, produced in enumerate(stream_tokens(self.model.llm, prompt, config, embeds, constraint)):
+            for step, produced in enumerate(stream_tokens(self.model.llm, prompt, options, embeds, constraint)):
                 if should_stop is not None and should_stop():
                     raise GenerationCancelled(f"decoding stopped by the caller after step {step}")
                 for sample, token, slot in produced:
                     answers[sample].append((token, slot))
         else:
-            answers = beam_search(self.model.llm, prompt, config, embeds, should_stop, constraint)
-        texts = [cut_at_stop(self._answer_text(prompt, i, a), config.stop) for i, a in enumerate(answers)]
+            answers = beam_search(self.model.llm, prompt, options, embeds, should_stop, constraint)
+        texts = [cut_at_stop(self._answer_text(prompt, i, a), options.stop) for i, a in enumerate(answers)]
         return texts, states
 
     @torch.no_grad()
@@ -353,21 +267,24 @@ class VisCPMChat:
         context: str | None = "",
         vision_hidden_states: torch.Tensor | None = None,
         *,
+        options: ChatOptions | None = None,
         image_safety_checker=None,
-        language: str | None = None,
+        should_stop=None,
         **generation_options,
     ) -> tuple[str, str, torch.Tensor | None]:
         """One turn. Returns ``(answer, context with this turn appended, vision_hidden_states)``.
 
-        ``max_length=N`` reproduces the official answers for the same N (up to N + 2 tokens);
-        ``max_new_tokens=N`` caps the answer at N tokens. ``should_stop=callable`` is asked before
-        every decoding step and cancels (``GenerationCancelled``) when it returns True.
-        ``language``: ``"auto"`` answers in the question's language, ``"zh"``/``"en"`` force one,
-        None (default) leaves the model free, as the official code does (see
-        :mod:`viscpm.answer_language`).
+        Decoding: ``options`` (a :class:`ChatOptions`; default the official ones) and keyword options
+        that override it, e.g. ``max_new_tokens=N`` (caps the answer at N tokens; ``max_length=N``
+        reproduces the official answers for the same N, up to N + 2 tokens), ``stop="..."``,
+        ``language="auto"`` (answer in the question's language; ``"zh"``/``"en"`` force one; None,
+        the default, leaves the model free, as the official code does). ``should_stop=callable`` is
+        asked before every decoding step and cancels (``GenerationCancelled``) when it returns True
+        (servers use it to stop work for a client that left or timed out).
         """
-        answers, states = self._generate([image], [question], [context], [vision_hidden_states], generation_options,
-                                         image_safety_checker, language)
+        options = ChatOptions.build(options, **generation_options)
+        answers, states = self._generate([image], [question], [context], [vision_hidden_states], options,
+                                         image_safety_checker, should_stop)
         return answers[0], append_turn(context or "", question, answers[0]), states[0]
 
     @torch.no_grad()
@@ -378,19 +295,21 @@ class VisCPMChat:
         contexts: Sequence[str | None] | None = None,
         vision_hidden_states: Sequence[torch.Tensor | None] | None = None,
         *,
+        options: ChatOptions | None = None,
         image_safety_checker=None,
-        language: str | None = None,
+        should_stop=None,
         **generation_options,
     ) -> list[str]:
         """Answer many (image, question) pairs in one padded batch; equals one-at-a-time answers.
-        ``language="auto"`` follows each question's own language."""
+        Options as in :meth:`chat`; ``language="auto"`` follows each question's own language."""
         n = len(questions)
         contexts = list(contexts) if contexts is not None else [""] * n
         vision_hidden_states = list(vision_hidden_states) if vision_hidden_states is not None else [None] * n
         if not len(images) == len(contexts) == len(vision_hidden_states) == n:
             raise ValueError("images, questions, contexts and vision_hidden_states must have the same length")
-        return self._generate(images, questions, contexts, vision_hidden_states, generation_options,
-                              image_safety_checker, language)[0]
+        options = ChatOptions.build(options, **generation_options)
+        return self._generate(images, questions, contexts, vision_hidden_states, options, image_safety_checker,
+                              should_stop)[0]
 
     @torch.no_grad()
     def stream_chat(
@@ -400,23 +319,21 @@ class VisCPMChat:
         context: str | None = "",
         vision_hidden_states: torch.Tensor | None = None,
         *,
+        options: ChatOptions | None = None,
         image_safety_checker=None,
-        language: str | None = None,
         **generation_options,
     ) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated (greedy unless ``do_sample``).
 
         Beam search cannot stream, so ``num_beams`` is ignored here. Use ``append_turn`` with the
-        joined pieces to continue the conversation. ``language``: as in :meth:`chat`.
+        joined pieces to continue the conversation. Options as in :meth:`chat`.
         """
-        generation_options.setdefault("num_beams", 1)
-        config = generation_config(**generation_options)
-        constraint = self._language(language, [question])
+        options = ChatOptions.build(options, **generation_options)
         prompt, embeds, _ = self._prepare([image], [question], [context], [vision_hidden_states], image_safety_checker,
-                                          config.last_step + 1)
+                                          options.last_step + 1)
         table = prompt.rev_ext_tables[0]
-        cutter = _StopText(config.stop)
-        tokens = stream_tokens(self.model.llm, prompt, config, embeds, constraint)
+        cutter = StopText(options.stop)
+        tokens = stream_tokens(self.model.llm, prompt, options, embeds, self._language(options, [question]))
         try:
             for produced in tokens:
                 for _, token, slot in produced:

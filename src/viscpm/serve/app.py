@@ -33,7 +33,8 @@ from starlette.responses import Response, StreamingResponse
 
 from .. import __version__
 from ..generation import GenerationCancelled
-from ..pipelines.chat import ContextTooLong, generation_config
+from ..pipelines.chat import ContextTooLong
+from ..pipelines.chat_options import ChatOptions
 from .access_log import AccessLog
 from .conversation import to_turn
 from .edits import read_edit_form
@@ -58,7 +59,7 @@ _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
 
 # request fields the server itself maps onto these pipeline arguments: never passed through
 CHAT_RESERVED = {"self", "image", "images", "question", "questions", "context", "contexts", "vision_hidden_states",
-                 "should_stop"}
+                 "options", "should_stop"}
 PAINT_RESERVED = {"self", "prompt", "negative_prompt", "num_images_per_prompt", "guidance_scale",
                   "num_inference_steps", "height", "width", "scheduler", "preset", "seed", "generator", "latents",
                   "callback", "image", "mask_image", "strength"}
@@ -103,8 +104,8 @@ def stop_strings(body: ChatCompletionRequest) -> tuple[str, ...]:
     return stops
 
 
-def chat_options(body: ChatCompletionRequest, settings: ServeSettings) -> dict[str, Any]:
-    """Decoding options for VisCPMChat from an OpenAI request.
+def chat_options(body: ChatCompletionRequest, settings: ServeSettings) -> ChatOptions:
+    """Decoding options for VisCPMChat from an OpenAI request, validated here once (a bad value is a 400).
 
     * ``num_beams`` > 1: the official beam search (``temperature`` scales its logits, as officially);
     * ``temperature`` 0 or ``do_sample: false``: greedy;
@@ -118,10 +119,7 @@ def chat_options(body: ChatCompletionRequest, settings: ServeSettings) -> dict[s
     if max_new > settings.max_new_tokens:
         raise bad_request(f"max_tokens is {max_new}; this server allows at most {settings.max_new_tokens}",
                           "max_tokens_too_large", "max_tokens")
-    options: dict[str, Any] = {"max_new_tokens": max_new}
-    stops = stop_strings(body)
-    if stops:
-        options["stop"] = stops
+    options: dict[str, Any] = {"max_new_tokens": max_new, "stop": stop_strings(body), "language": body.language}
     if body.repetition_penalty is not None:
         options["repetition_penalty"] = body.repetition_penalty
     if body.length_penalty is not None:
@@ -153,7 +151,10 @@ def chat_options(body: ChatCompletionRequest, settings: ServeSettings) -> dict[s
                 options[name] = getattr(body, name)
     elif body.stream or body.num_beams == 1:
         options.update(num_beams=1, do_sample=False)
-    return options
+    try:
+        return ChatOptions(**options)
+    except ValueError as error:  # a value out of its range (temperature 1e-40, repetition_penalty 0, ...)
+        raise bad_request(str(error)) from None
 
 
 def paint_options(body: ImageGenerationRequest, settings: ServeSettings) -> dict[str, Any]:
@@ -458,25 +459,20 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
         if chars > settings.max_text_chars:
             raise bad_request(f"the conversation and stop strings have {chars:,} characters; this server takes at "
                               f"most {settings.max_text_chars:,}", "prompt_too_long", "messages")
-        options = chat_options(body, settings)
-        try:  # check the options now, so a bad one is a 400 before any work is queued
-            generation_config(**options)
-        except (TypeError, ValueError) as error:
-            raise bad_request(str(error)) from None
+        options = chat_options(body, settings)  # validated now: a bad value is a 400 before any work is queued
         extras = passthrough_options(chat.stream_chat if body.stream else chat.batch_chat, body.model_extra,
                                      CHAT_RESERVED, settings.allow_safety_off)
-        if body.language is not None:  # a pipeline argument, not a decoding option: travels with the extras
-            extras["language"] = body.language
         image = None if turn.image_url is None else await run_in_threadpool(decode_image, turn.image_url, settings)
 
         work = ChatWork(image, turn.question, turn.context, options, extras)
-        sampled_with_seed = options.get("do_sample") and options.get("seed") is not None
-        batch_key = None if body.stream or sampled_with_seed else tuple(sorted({**options, **extras}.items()))
+        # equal options decode as one batch; a seeded sample is drawn alone (its draws depend on the batch)
+        sampled_with_seed = options.do_sample and options.seed is not None
+        batch_key = None if body.stream or sampled_with_seed else (options, tuple(sorted(extras.items())))
         job = Job(chat_runner.run_stream if body.stream else chat_runner.run_batch, work,
                   start + settings.request_timeout, asyncio.get_running_loop(), batch_key)
         submit("chat", job)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        max_new = options["max_new_tokens"]
+        max_new = options.max_new_tokens
 
         def finish(answer: str) -> tuple[str, dict | None]:
             counts = usage(turn.context + turn.question, answer, image is not None)

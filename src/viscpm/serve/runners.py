@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..generation import GenerationCancelled
+from ..pipelines.chat_options import ChatOptions
 from .errors import ApiError
 from .images import DecodedImage, png_base64
 from .paint_budget import REFUSE_ABOVE
@@ -27,7 +28,7 @@ class ChatWork:
     image: DecodedImage | None
     question: str
     context: str
-    options: dict[str, Any]  # generation options
+    options: ChatOptions  # decoding, stop strings and answer language, validated by the app
     extras: dict[str, Any]  # pass-through pipeline options (e.g. a per-request safety switch)
 
 
@@ -56,7 +57,7 @@ class ChatRunner:
     def _check(self, work: ChatWork) -> None:
         """Refuse a conversation over the pipeline's context budget before its image is encoded."""
         if self._check_context is not None:
-            self._check_context(work.question, work.context, has_image=work.image is not None, **work.options)
+            self._check_context(work.question, work.context, has_image=work.image is not None, options=work.options)
 
     def _cache_key(self, work: ChatWork):
         """None when the image's states are not cached (no image, no cache); else the image and the
@@ -104,7 +105,7 @@ class ChatRunner:
         return self.chat.batch_chat(
             [w.image.image if w.image else None for w in works], [w.question for w in works],
             [w.context for w in works], states, should_stop=lambda: all(job.should_stop() for job in jobs),
-            **works[0].options, **works[0].extras,  # jobs batch together only when their options are equal
+            options=works[0].options, **works[0].extras,  # jobs batch together only when their options are equal
         )
 
     def run_batch(self, jobs: list[Job]) -> None:
@@ -149,7 +150,7 @@ class ChatRunner:
         work: ChatWork = job.payload
         self._check(work)
         stream = self.chat.stream_chat(work.image.image if work.image else None, work.question, work.context,
-                                       self._states(work), **work.options, **work.extras)
+                                       self._states(work), options=work.options, **work.extras)
         try:
             for piece in stream:
                 if job.should_stop():
