@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from viscpm.cli import build_parser, main, run_chat
+from viscpm.cli import build_parser, main
+from viscpm.cli.chat import run_chat
 
 
 @pytest.fixture()
@@ -70,11 +71,28 @@ def test_help_reads_in_both_languages():
     assert "Chat about an image" in result.stdout and "图片" in result.stdout
 
 
-def test_train_stage_names_match_the_recipes():
-    from viscpm.cli import TRAIN_STAGES
+def test_building_the_parser_imports_nothing_heavy():
+    heavy = ("diffusers", "viscpm.pipelines.paint", "viscpm.train.recipes", "fastapi", "uvicorn")
+    code = f"import sys; from viscpm.cli import build_parser; build_parser(); print([m for m in {heavy} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_flags_take_the_library_defaults_and_names(capsys):
+    from viscpm.cli.chat import chat_options
+    from viscpm.pipelines.chat_options import ChatOptions
     from viscpm.train.recipes import STAGES
 
-    assert set(TRAIN_STAGES) == set(STAGES)
+    parser = build_parser()
+    # one question: the library's own decoding, as `VisCPMChat().chat(image, question)` (max_length 512,
+    # not a CLI-only 256); interactive: the same, answering in the question's language
+    assert chat_options(parser.parse_args(["chat", "hi"])) == ChatOptions()
+    assert chat_options(parser.parse_args(["chat"])) == ChatOptions(language="auto")
+    train = parser._subparsers._group_actions[0].choices["train"]
+    assert sorted(next(a for a in train._actions if a.dest == "stage").choices) == sorted(STAGES)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "pretrain", "--config", "x.toml"])
+    assert "invalid choice: 'pretrain'" in capsys.readouterr().err
 
 
 def test_a_refused_image_exits_3_with_the_reason(reference, model_args, tmp_path, capsys):

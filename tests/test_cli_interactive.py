@@ -6,7 +6,8 @@ import io
 
 import pytest
 
-from viscpm.cli import build_parser, run_chat
+from viscpm.cli import build_parser
+from viscpm.cli.chat import run_chat
 
 CTRL_C = KeyboardInterrupt  # a key press in a Keys script
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 from torch import nn
 
-from viscpm import cli
 from viscpm.cli import main
+from viscpm.cli import serve as serve_command
 from viscpm.extras import MissingExtra
 from viscpm.train.config import LoraSection
 from viscpm.train.lora import add_lora
@@ -33,7 +33,7 @@ def never_load_models(args):
 def test_serve_names_the_serve_extra_before_loading_models(monkeypatch, capsys, missing):
     uninstall(monkeypatch, missing)
     if missing == "uvicorn":
-        monkeypatch.setattr(cli, "build_serve_app", never_load_models)
+        monkeypatch.setattr(serve_command, "build_serve_app", never_load_models)
     else:  # the app is built before any model is loaded
         monkeypatch.setattr("viscpm.pipelines.chat.VisCPMChat", never_load_models)
     assert main(["serve", "--no-paint"]) == 2

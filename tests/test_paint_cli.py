@@ -9,7 +9,8 @@ import sys
 import pytest
 from PIL import Image
 
-from viscpm.cli import build_parser, main, run_paint
+from viscpm.cli import build_parser, main
+from viscpm.cli.paint import run_paint
 
 from .test_paint_pipeline import CHECKPOINT
 

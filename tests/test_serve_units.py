@@ -14,7 +14,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from viscpm.cli import build_parser, build_serve_app, main
+from viscpm.cli import build_parser, main
+from viscpm.cli.serve import build_serve_app
 from viscpm.generation import GenerationCancelled
 from viscpm.pipelines.chat_options import ChatOptions
 from viscpm.prompt import append_turn

@@ -1,6 +1,6 @@
 """``viscpm eval llava-bench | paint | compare``: the command lines over :mod:`viscpm.evaluation`.
 
-Kept apart from ``viscpm/cli.py`` (which only calls :func:`add_benchmark_parsers`); nothing heavy is
+Kept apart from ``viscpm/cli/evaluate.py`` (which only calls :func:`add_benchmark_parsers`); nothing heavy is
 imported until a command runs, so ``viscpm --help`` stays quick.
 """
 from __future__ import annotations

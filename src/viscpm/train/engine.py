@@ -256,7 +256,7 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = False, overwrite: 
         # down, whose destructor joins gloo's worker thread while holding the GIL, and that thread
         # may still be releasing the last barrier's Python-owned tensors, which needs the GIL: a
         # deadlock, seen at the exit of 2-process CPU runs. `viscpm train` then ends the process
-        # with os._exit (cli.run_train), so no destructor runs.
+        # with os._exit (cli.train.run_train), so no destructor runs.
         _FINISHED_DISTRIBUTED_RUNS.append(accelerator)
     return state
 
