@@ -478,18 +478,17 @@ def run_eval_shapes(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .shapes.corpus import build_corpora
-    from .shapes.evaluate import evaluate_captions, evaluate_paint, evaluate_qa
+    from .shapes.evaluate import evaluate_chat, evaluate_paint
 
     with tempfile.TemporaryDirectory() as scratch:
-        root = Path(args.data) if args.data else build_corpora(Path(scratch) / "shapes", seed=0).root
+        root = Path(args.data) if args.data else build_corpora(Path(scratch) / "shapes", seed=0, robust=True).root
         eval_dir = root / "eval"
         metrics: dict = {"data": str(root) if args.data else "built with seed 0"}
         if not args.skip_chat:
             from .pipelines.chat import VisCPMChat
 
             chat = VisCPMChat(args.chat, image_safety_checker=False, quant=args.quant)
-            metrics.update(evaluate_qa(chat, eval_dir, args.limit, args.beams))
-            metrics.update(evaluate_captions(chat, eval_dir, args.limit, args.beams))
+            metrics.update(evaluate_chat(chat, eval_dir, args.limit, args.beams))
         if not args.skip_paint:
             from .pipelines.paint import VisCPMPaint
 
