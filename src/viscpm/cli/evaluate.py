@@ -47,30 +47,29 @@ def add_parser(commands) -> None:
     add_benchmark_parsers(kinds)
 
 
-def shapes_eval_root(args: argparse.Namespace, scratch: str):
+def shapes_eval_root(args: argparse.Namespace, scratch: str, **corpus_options):
     """The ShapesWorld folder to score on: --data, or one built with seed 0 in ``scratch``."""
     from pathlib import Path
 
     from ..shapes.corpus import build_corpora
 
-    return Path(args.data) if args.data else build_corpora(Path(scratch) / "shapes", seed=0).root
+    return Path(args.data) if args.data else build_corpora(Path(scratch) / "shapes", seed=0, **corpus_options).root
 
 
 def run_eval_shapes(args: argparse.Namespace) -> int:
     import tempfile
 
-    from ..shapes.evaluate import evaluate_captions, evaluate_paint, evaluate_qa
+    from ..shapes.evaluate import evaluate_chat, evaluate_paint
 
     with tempfile.TemporaryDirectory() as scratch:
-        root = shapes_eval_root(args, scratch)
+        root = shapes_eval_root(args, scratch, robust=True)
         eval_dir = root / "eval"
         metrics: dict = {"data": str(root) if args.data else "built with seed 0"}
         if not args.skip_chat:
             from ..pipelines.chat import VisCPMChat
 
             chat = VisCPMChat(args.chat, image_safety_checker=False, quant=args.quant)
-            metrics.update(evaluate_qa(chat, eval_dir, args.limit, args.beams))
-            metrics.update(evaluate_captions(chat, eval_dir, args.limit, args.beams))
+            metrics.update(evaluate_chat(chat, eval_dir, args.limit, args.beams))
         if not args.skip_paint:
             from ..pipelines.paint import VisCPMPaint
 

@@ -15,6 +15,12 @@ Layout of ``out_dir`` (every JSONL path to an image is relative to the JSONL fil
     eval/captions.jsonl            English captions of the eval images (validation loss)
     eval/qa.jsonl                  each question in English and in Chinese, with accepted answers
     eval/paint_prompts.jsonl       {"prompt", "lang", "scene"}, each scene in both languages
+    eval/robust_qa.jsonl           (``--robust``) the eval questions as people type them (phrasings never
+                                   trained on), about the eval scenes drawn by PIL (eval/robust/*.png)
+
+``--robust`` also varies the training data: half the images drawn with PIL and jittered, 60 % of the
+questions reworded (:mod:`~viscpm.shapes.variation`), one-object scenes asked about as "the shape",
+and some later turns asked in the other language.
 
 Held-out colour–shape pairs never occur in any multimodal training example: not in an image, and
 not mentioned or implied by a caption, question or answer. The text-only corpus may contain them.
@@ -30,15 +36,16 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
 from .language import (COLOUR_ZH, DESCRIBE_QUESTIONS, KINDS, LANGS, POSITION_EN, POSITION_ZH, SHAPE_EN, SHAPE_ZH,
-                       SIZE_EN, SIZE_ZH, ZH_WORDS, QuestionPlan, describe, describe_object, make_dialogue,
+                       SIZE_EN, SIZE_ZH, ZH_WORDS, QA, QuestionPlan, describe, describe_object, make_dialogue,
                        plan_question, realise)
 from .pixels import render
+from .variation import draw, vary_question
 from .world import COLOURS, HELDOUT_PAIRS, SHAPES, SIZES, Pair, Scene, ShapeObject, sample_scene
 
 logger = logging.getLogger(__name__)
@@ -94,6 +101,7 @@ class CorpusPaths:
     eval_captions: Path
     eval_qa: Path
     paint_prompts: Path
+    robust_qa: Path
 
     @classmethod
     def under(cls, root: str | Path) -> CorpusPaths:
@@ -102,7 +110,7 @@ class CorpusPaths:
         return cls(root, root / "vocab.txt", root / "manifest.json", root / "text" / "corpus.jsonl",
                    root / "text" / "corpus_en.jsonl", mm / "captions.jsonl", mm / "instruct_en.jsonl",
                    mm / "instruct_zh.jsonl", mm / "captions_zh.jsonl", ev / "captions.jsonl", ev / "qa.jsonl",
-                   ev / "paint_prompts.jsonl")
+                   ev / "paint_prompts.jsonl", ev / "robust_qa.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,10 +233,25 @@ def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
     return n
 
 
-def _save_image(scene: Scene, folder: Path, index: int, image_size: int) -> str:
-    name = f"images/{index:06d}.png"
-    render(scene, image_size).save(folder / name)
+def _save_image(scene: Scene, folder: Path, index: int, image_size: int, drawn_by: random.Random | None = None,
+                subfolder: str = "images") -> str:
+    """The scene rendered exactly, or drawn with variation from ``drawn_by`` (see :func:`draw`)."""
+    name = f"{subfolder}/{index:06d}.png"
+    (folder / subfolder).mkdir(parents=True, exist_ok=True)
+    (render(scene, image_size) if drawn_by is None else draw(scene, drawn_by, image_size)).save(folder / name)
     return name
+
+
+# the training data's variation under ``robust`` (see the module docstring)
+ROBUST_DRAWN = 0.5  # share of training images drawn with PIL and jittered
+ROBUST_VARIED = 0.6  # share of questions reworded
+ROBUST_GENERIC = 0.5  # chance that a one-object scene's object is asked about as "the shape"
+ROBUST_SWITCH = 0.15  # chance that a later turn is asked in the other language
+
+
+def _vary_dialogue(dialogue: Sequence[QA], rng: random.Random) -> list[QA]:
+    return [replace(qa, question=vary_question(qa.question, qa.lang, rng)) if rng.random() < ROBUST_VARIED else qa
+            for qa in dialogue]
 
 
 def _scene_outside(rng: random.Random, keys: Collection[str], **kwargs: Any) -> Scene:
@@ -277,6 +300,7 @@ def build_corpora(
     image_size: int = 64,
     evidence_first: bool = False,
     avoid_scenes: Collection[str] = (),
+    robust: bool = False,
 ) -> CorpusPaths:
     """Write every ShapesWorld file under ``out_dir`` (layout in the module docstring).
 
@@ -307,14 +331,20 @@ def build_corpora(
     mm = paths.captions.parent
     avoid_scenes = frozenset(avoid_scenes)
     train_scenes = [_scene_outside(rng, avoid_scenes, exclude=heldout) for _ in range(sizes.train_images)]
-    images = [_save_image(s, mm, i, image_size) for i, s in enumerate(train_scenes)]
+    drawing = random.Random(f"shapesworld/{seed}/drawing") if robust else None
+    images = [_save_image(s, mm, i, image_size, drawing if robust and drawing.random() < ROBUST_DRAWN else None)
+              for i, s in enumerate(train_scenes)]
     captions = [{"image": im, "caption": describe(s, "en", rng)} for im, s in zip(images, train_scenes)]
-    dialogue = partial(make_dialogue, avoid=heldout, evidence_first=evidence_first)
-    dialogues_en = [conversation(dialogue(s, "en", rng, rng.randint(1, sizes.max_turns)), im, f"en-{i:06d}")
-                    for i, (im, s) in enumerate(zip(images, train_scenes))]
+    dialogue = partial(make_dialogue, avoid=heldout, evidence_first=evidence_first,
+                       **(dict(generic_prob=ROBUST_GENERIC, switch_prob=ROBUST_SWITCH) if robust else {}))
+    plain_en = [dialogue(s, "en", rng, rng.randint(1, sizes.max_turns)) for s in train_scenes]
     zh_ids = sorted(rng.sample(range(sizes.train_images), sizes.zh_instruct))
-    dialogues_zh = [conversation(dialogue(train_scenes[i], "zh", rng, rng.randint(1, sizes.max_turns)), images[i],
-                                 f"zh-{i:06d}") for i in zh_ids]
+    plain_zh = [dialogue(train_scenes[i], "zh", rng, rng.randint(1, sizes.max_turns)) for i in zh_ids]
+    wording = random.Random(f"shapesworld/{seed}/wording")
+    dialogues_en = [conversation(_vary_dialogue(d, wording) if robust else d, im, f"en-{i:06d}")
+                    for i, (im, d) in enumerate(zip(images, plain_en))]
+    dialogues_zh = [conversation(_vary_dialogue(d, wording) if robust else d, images[i], f"zh-{i:06d}")
+                    for i, d in zip(zh_ids, plain_zh)]
     # drawn last, so every file above stays as it was before this set existed
     captions_zh = [{"image": images[i], "caption": describe(train_scenes[i], "zh", rng)} for i in zh_ids]
     counts["train_images"] = _write_jsonl(paths.captions, captions)
@@ -324,7 +354,7 @@ def build_corpora(
     counts["instruct_en_turns"] = sum(len(d["conversations"]) // 2 for d in dialogues_en)
     counts["instruct_zh_turns"] = sum(len(d["conversations"]) // 2 for d in dialogues_zh)
     texts += [c["caption"] for c in captions + captions_zh]
-    texts += [t["value"].removeprefix(IMAGE_TOKEN + "\n") for d in dialogues_en + dialogues_zh for t in d["conversations"]]
+    texts += [t for d in plain_en + plain_zh for qa in d for t in (qa.question, qa.answer)]
     logger.info("multimodal: %d images in %.1fs", len(images), time.perf_counter() - start)
 
     # 2. text-only LLM corpora (held-out pairs allowed)
@@ -360,6 +390,9 @@ def build_corpora(
     counts["eval_qa_by_kind"] = dict(sorted(Counter(q["kind"] for q in qa_items if q["lang"] == "en").items()))
     counts["eval_qa_heldout"] = sum(q["heldout"] for q in qa_items)
     texts += [c["caption"] for c in eval_captions] + [q[k] for q in qa_items for k in ("question", "answer")]
+    if robust:
+        counts["robust_qa"] = _write_jsonl(paths.robust_qa, _robust_items(qa_items, eval_scenes, ev, image_size, seed,
+                                                                                 heldout))
 
     paint = []
     for i in range(sizes.paint_prompts):
@@ -381,16 +414,44 @@ def build_corpora(
         "sizes": asdict(sizes),
         "heldout_pairs": [list(p) for p in heldout],
         "yes_no_answers": "evidence first" if evidence_first else "verdict first",
+        **({"robust": True} if robust else {}),
         **({"avoided_scenes": len(avoid_scenes)} if avoid_scenes else {}),
         "world": {"shapes": list(SHAPES), "colours": list(COLOURS), "sizes": list(SIZES), "grid": 3},
         "counts": counts,
         "vocab_size": len(vocab),
-        "files": {f.name: str(getattr(paths, f.name).relative_to(paths.root)) for f in fields(paths) if f.name != "root"},
+        "files": {f.name: str(getattr(paths, f.name).relative_to(paths.root)) for f in fields(paths)
+                  if f.name != "root" and (robust or f.name != "robust_qa")},
     }
     paths.manifest.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     logger.info("ShapesWorld corpus in %s: %d images, vocab %d, %.1fs", paths.root,
                 sizes.train_images + sizes.eval_images, len(vocab), time.perf_counter() - start)
     return paths
+
+
+def _robust_items(qa_items: Sequence[dict[str, Any]], scenes: Sequence[Scene], folder: Path, image_size: int,
+                  seed: int, heldout: Collection[Pair]) -> list[dict[str, Any]]:
+    """The robustness set: every evaluation question reworded from the evaluation pool (phrasings no
+    training example uses among them), about its scene drawn by PIL with variation; plus, for each
+    one-object scene, a question that names its object by nothing ("What colour is the shape?")."""
+    rng = random.Random(f"shapesworld/{seed}/robust")
+    images = [_save_image(s, folder, i, image_size, rng, "robust") for i, s in enumerate(scenes)]
+    items = []
+    for item in qa_items:
+        i = int(item["id"].split("-")[0])
+        items.append({**item, "id": "r" + item["id"], "image": images[i],
+                      "question": vary_question(item["question"], item["lang"], rng, "eval")})
+    for i, scene in enumerate(scenes):
+        if len(scene) != 1:
+            continue
+        plan = plan_question(scene, rng, rng.choice(("colour", "shape")), form="open", generic_prob=1.0)
+        seed_ = rng.random()
+        for lang in LANGS:
+            qa = realise(plan, lang, random.Random(seed_))
+            items.append({"id": f"g{i:05d}-{lang}", "image": images[i], "lang": lang, "kind": qa.kind, "form": qa.form,
+                          "question": vary_question(qa.question, lang, rng, "eval"), "answer": qa.answer,
+                          "answers": list(qa.answers), "heldout": bool(qa.pairs & set(heldout)),
+                          "heldout_scene": bool(scene.pairs & set(heldout)), "scene": scene.to_dict()})
+    return items
 
 
 def _eval_plan(scene: Scene, rng: random.Random, kind: str, target: ShapeObject | None) -> QuestionPlan:
@@ -424,6 +485,9 @@ def add_shapes_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--evidence-first", action="store_true",
                         help='word yes/no answers in the instruction dialogues as what is seen, then the verdict '
                              '("It is big. Yes.") instead of "Yes, it is big."')
+    parser.add_argument("--robust", action="store_true",
+                        help="vary the training data as people type and draw (reworded questions, PIL-drawn jittered "
+                             "images, language switches) and write the robustness set eval/robust_qa.jsonl")
     parser.add_argument("--avoid-eval-of", metavar="CORPUS",
                         help="keep CORPUS's evaluation scenes out of this corpus's training images, so a corpus "
                              "under another --seed adds training data for models evaluated on CORPUS")
@@ -447,7 +511,7 @@ def run_shapes(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     start = time.perf_counter()
     avoid = eval_scene_keys(args.avoid_eval_of) if args.avoid_eval_of else ()
     paths = build_corpora(args.out, seed=args.seed, sizes=sizes, image_size=args.image_size,
-                          evidence_first=args.evidence_first, avoid_scenes=avoid)
+                          evidence_first=args.evidence_first, avoid_scenes=avoid, robust=args.robust)
     manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
     counts = manifest["counts"]
     print(f"ShapesWorld corpus written to {paths.root} in {time.perf_counter() - start:.1f}s: "

@@ -2,7 +2,10 @@
 
 * QA accuracy per language (the attribute read from the free-text answer, in either language),
   the answer-language match rate, accuracy on the held-out colour–shape compositions;
-* caption accuracy: the (colour, shape) pairs a caption names equal the scene's;
+* caption accuracy: the (colour, shape) pairs a caption names equal the scene's; how often a caption
+  invents a shape (names a pair the scene lacks) or repeats one (names it more often than it occurs);
+* the same on the robustness set (``eval/robust_qa.jsonl`` of a ``--robust`` corpus): the questions
+  reworded as people type them, the scenes drawn by PIL, reported beside the canonical set;
 * paint adherence: the painted image reads back (pixel analyser) as exactly the prompt's scene —
   every shape, colour, size and position right, nothing extra — per prompt language.
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from .world import Scene
 logger = logging.getLogger(__name__)
 
 CAPTION_QUESTION = "Describe the image briefly."
+CANONICAL_QA, ROBUST_QA = "qa.jsonl", "robust_qa.jsonl"
 CHAT_BATCH = 32
 MAX_NEW_TOKENS = 48
 
@@ -35,9 +39,21 @@ def _rate(values: Sequence[bool]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def evaluate_qa(chat, eval_dir: Path, limit: int | None = None, num_beams: int = 1) -> dict[str, Any]:
-    """QA accuracy and answer language over ``eval_dir/qa.jsonl``."""
-    items = read_jsonl(eval_dir / "qa.jsonl")[:limit]
+def evaluate_chat(chat, eval_dir: Path, limit: int | None = None, num_beams: int = 1) -> dict[str, Any]:
+    """QA and captions on the canonical set, and on the robustness set when the corpus has one
+    (its metrics prefixed ``robust_``)."""
+    metrics = {**evaluate_qa(chat, eval_dir, limit, num_beams), **evaluate_captions(chat, eval_dir, limit, num_beams)}
+    if (eval_dir / ROBUST_QA).is_file():
+        robust = {**evaluate_qa(chat, eval_dir, limit, num_beams, ROBUST_QA),
+                  **evaluate_captions(chat, eval_dir, limit, num_beams, ROBUST_QA)}
+        metrics.update({"robust_" + k: v for k, v in robust.items()})
+    return metrics
+
+
+def evaluate_qa(chat, eval_dir: Path, limit: int | None = None, num_beams: int = 1,
+                file: str = CANONICAL_QA) -> dict[str, Any]:
+    """QA accuracy and answer language over ``eval_dir/file``."""
+    items = read_jsonl(eval_dir / file)[:limit]
     answers: list[str] = []
     for start in range(0, len(items), CHAT_BATCH):
         batch = items[start : start + CHAT_BATCH]
@@ -67,22 +83,34 @@ def evaluate_qa(chat, eval_dir: Path, limit: int | None = None, num_beams: int =
     }
 
 
-def caption_pairs(text: str) -> set[tuple[str, str]]:
-    """(colour, shape) pairs a caption names: a colour word followed, within the same clause and
-    20 characters, by a shape word (English or Chinese)."""
+def caption_mentions(text: str) -> list[tuple[str, str]]:
+    """(colour, shape) pairs a caption names, in order and with repeats: a colour word followed,
+    within the same clause and 20 characters, by a shape word (English or Chinese)."""
     colours = "|".join(f"(?P<c_{c}>{p})" for c, p in _COLOUR_PATTERNS.items())
     shapes = "|".join(f"(?P<s_{s}>{p})" for s, p in _SHAPE_PATTERNS.items())
-    pairs = set()
+    mentions = []
     for match in re.finditer(rf"(?:{colours})[^,，;；.。:：]{{0,20}}?(?:{shapes})", text, re.IGNORECASE):
         groups = {k: v for k, v in match.groupdict().items() if v}
         colour = next(k[2:] for k in groups if k.startswith("c_"))
         shape = next(k[2:] for k in groups if k.startswith("s_"))
-        pairs.add((colour, shape))
-    return pairs
+        mentions.append((colour, shape))
+    return mentions
 
 
-def evaluate_captions(chat, eval_dir: Path, limit: int | None = None, num_beams: int = 1) -> dict[str, Any]:
-    items = read_jsonl(eval_dir / "qa.jsonl")[:limit]
+def caption_pairs(text: str) -> set[tuple[str, str]]:
+    """The distinct (colour, shape) pairs a caption names (see :func:`caption_mentions`)."""
+    return set(caption_mentions(text))
+
+
+def invents_or_repeats(caption: str, scene: Scene) -> tuple[bool, bool]:
+    """Whether ``caption`` names a pair ``scene`` lacks, and whether it names one more often than it occurs."""
+    mentioned, present = Counter(caption_mentions(caption)), Counter(o.pair for o in scene.objects)
+    return (any(p not in present for p in mentioned), any(n > present[p] for p, n in mentioned.items() if p in present))
+
+
+def evaluate_captions(chat, eval_dir: Path, limit: int | None = None, num_beams: int = 1,
+                      file: str = CANONICAL_QA) -> dict[str, Any]:
+    items = read_jsonl(eval_dir / file)[:limit]
     images = list(dict.fromkeys(i["image"] for i in items))  # each eval image once, with its scene
     scenes = {i["image"]: Scene.from_dict(i["scene"]) for i in items}
     captions: list[str] = []
@@ -90,13 +118,17 @@ def evaluate_captions(chat, eval_dir: Path, limit: int | None = None, num_beams:
         batch = images[start : start + CHAT_BATCH]
         captions += chat.batch_chat([eval_dir / b for b in batch], [CAPTION_QUESTION] * len(batch),
                                     num_beams=num_beams, max_new_tokens=MAX_NEW_TOKENS)
-    exact, recall = [], []
+    exact, recall, invented, repeated = [], [], [], []
     for image, caption in zip(images, captions):
         truth = set(scenes[image].pairs)
         named = caption_pairs(caption)
         exact.append(named == truth)
         recall.append(len(named & truth) / len(truth))
+        invents, repeats = invents_or_repeats(caption, scenes[image])
+        invented.append(invents)
+        repeated.append(repeats)
     return {"caption_exact_pairs": _rate(exact), "caption_pair_recall": sum(recall) / max(1, len(recall)),
+            "caption_invented_shapes": _rate(invented), "caption_repeated_shapes": _rate(repeated),
             "caption_items": len(images), "caption_example": captions[:2]}
 
 

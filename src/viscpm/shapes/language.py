@@ -279,11 +279,14 @@ def plan_question(
     target: ShapeObject | None = None,
     avoid: Collection[Pair] = (),
     previous: ShapeObject | None = None,
+    generic_prob: float = 0.0,
 ) -> QuestionPlan:
     """Draw a question about ``scene``: ``kind`` (default random), ``form`` (default random).
 
     ``target`` asks about that object when the kind allows it; ``previous`` (an object of the
-    last turn) lets an object question refer to it as "it". No question mentions or implies a
+    last turn) lets an object question refer to it as "it"; ``generic_prob`` is the chance that a
+    question about the only object of a scene names it by nothing ("the shape", "图形"), as people
+    do when there is one thing to see. No question mentions or implies a
     colour–shape pair in ``avoid``. Raises ``ValueError`` when the scene cannot support the kind
     (e.g. an attribute question about an empty scene).
     """
@@ -298,7 +301,7 @@ def plan_question(
         f = form or ("yesno" if k == "existence" else rng.choice(FORMS))
         if k == "existence" and f != "yesno":
             raise ValueError("existence questions are yes/no; pass form='yesno' or None")
-        plan = (_plan_object(scene, rng, k, f, target, previous) if k in _OBJECT_KINDS
+        plan = (_plan_object(scene, rng, k, f, target, previous, generic_prob) if k in _OBJECT_KINDS
                 else _plan_count(scene, rng, target) if k == "count"
                 else _plan_existence(scene, rng, target))
         if plan is not None and not (plan.pairs() & avoid):
@@ -308,12 +311,14 @@ def plan_question(
 
 
 def _plan_object(scene: Scene, rng: random.Random, kind: str, form: str, target: ShapeObject | None,
-                 previous: ShapeObject | None) -> QuestionPlan | None:
+                 previous: ShapeObject | None, generic_prob: float = 0.0) -> QuestionPlan | None:
     if not scene.objects:
         return None
     pronoun = previous is not None and previous in scene.objects and (target is None or target == previous)
     obj = previous if pronoun else (target if target is not None else rng.choice(scene.objects))
-    spec = {} if pronoun else _referring_spec(scene, obj, kind, rng)
+    # the random draw only when asked for, so corpora written without it stay byte-identical
+    generic = len(scene.objects) == 1 and generic_prob > 0 and rng.random() < generic_prob
+    spec = {} if pronoun or generic else _referring_spec(scene, obj, kind, rng)
     if spec is None:
         return None
     truth = obj.attribute(kind)
@@ -558,26 +563,33 @@ def make_qa(scene: Scene, lang: str, rng: random.Random, kind: str | None = None
 
 def make_dialogue(scene: Scene, lang: str, rng: random.Random, turns: int = 3, *,
                   avoid: Collection[Pair] = (), describe_prob: float = 0.25,
-                  follow_up_prob: float = 0.5, evidence_first: bool = False) -> list[QA]:
+                  follow_up_prob: float = 0.5, evidence_first: bool = False,
+                  generic_prob: float = 0.0, switch_prob: float = 0.0) -> list[QA]:
     """A multi-turn conversation about ``scene`` in ``lang``.
 
     The first turn asks for a description with probability ``describe_prob``; after a question
     about one object, the next turn asks about the same object as "it"/"它" with probability
-    ``follow_up_prob``, so later answers depend on earlier turns. ``evidence_first``: see :func:`realise`.
+    ``follow_up_prob``, so later answers depend on earlier turns. ``evidence_first``: see :func:`realise`;
+    ``generic_prob``: see :func:`plan_question`. ``switch_prob`` is the chance that a later turn is
+    asked (and answered) in the other language, so the answer follows the question, not the dialogue.
     """
     _check_lang(lang)
     if turns < 1:
         raise ValueError(f"a dialogue needs at least one turn, got turns={turns}")
     dialogue: list[QA] = []
     previous: ShapeObject | None = None
+    first = lang
     for turn in range(turns):
+        if turn > 0 and switch_prob > 0:
+            lang = ("zh" if first == "en" else "en") if rng.random() < switch_prob else first
         if turn == 0 and rng.random() < describe_prob:
             dialogue.append(QA(rng.choice(DESCRIBE_QUESTIONS[lang]), describe(scene, lang, rng), DESCRIBE, "open",
                                lang, (), scene.pairs))
             continue
         follow = previous is not None and rng.random() < follow_up_prob
         kind = rng.choice(_OBJECT_KINDS) if follow else None
-        plan = plan_question(scene, rng, kind, avoid=avoid, previous=previous if follow else None)
+        plan = plan_question(scene, rng, kind, avoid=avoid, previous=previous if follow else None,
+                             generic_prob=generic_prob)
         qa = realise(plan, lang, rng, evidence_first)
         dialogue.append(qa)
         previous = plan.target if plan.kind in _OBJECT_KINDS else None
