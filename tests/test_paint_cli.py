@@ -11,6 +11,7 @@ from PIL import Image
 
 from viscpm.cli import build_parser, main
 from viscpm.cli.paint import run_paint
+from viscpm.pipelines.paint import RANKER_CANDIDATES
 
 from .test_paint_pipeline import CHECKPOINT
 
@@ -101,15 +102,16 @@ def test_flagged_images_are_written_black_and_reported(reference, paint_checkpoi
 
 
 @pytest.mark.slow
-def test_ranker_folder_picks_the_best_of_k(reference, paint_checkpoint_dir, tmp_path, capsys):
+@pytest.mark.parametrize("flags, k", [(["--candidates", "3"], 3), ([], RANKER_CANDIDATES)])  # none: the pipeline's
+def test_ranker_folder_picks_the_best_of_k(reference, paint_checkpoint_dir, tmp_path, capsys, flags, k):
     from .test_rerank import write_chinese_clip
 
     folder = write_chinese_clip(tmp_path / "chinese-clip")
     out = tmp_path / "cat.png"
     assert main(paint_args(reference, paint_checkpoint_dir, "a red cat", "-o", str(out), "--seed", "5",
-                           "--ranker", str(folder), "--candidates", "3")) == 0
+                           "--ranker", str(folder), *flags)) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith(f"{out} (seed ") and line.endswith("; best of 3 by chinese-clip)")
+    assert line.startswith(f"{out} (seed ") and line.endswith(f"; best of {k} by chinese-clip)")
     assert int(line.split("seed ")[1].split(";")[0]) in (5, 6, 7)
 
 

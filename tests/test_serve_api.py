@@ -152,6 +152,22 @@ def test_concurrent_requests_are_batched_and_answer_as_one_at_a_time(tiny_chat, 
     assert app.state.workers["chat"].largest_batch > 1
 
 
+def test_requests_that_spell_out_the_defaults_share_a_batch(tiny_chat):
+    """The batching key is the typed options, not the request's spelling of them."""
+    from viscpm.serve import ServeSettings, create_app
+
+    spellings = [{}, {"num_beams": 3, "repetition_penalty": 1.1, "stop": []}]
+    expected = tiny_chat.chat(None, "Describe it.", max_new_tokens=6)[0]
+    app = create_app(chat=tiny_chat, settings=ServeSettings(batch_window_ms=300))  # long window: batching is sure
+    with running(app) as url:
+        c = client(url)
+        with ThreadPoolExecutor(len(spellings)) as pool:
+            replies = list(pool.map(lambda extra: c.chat.completions.create(
+                model="viscpm-chat", messages=[user("Describe it.")], max_tokens=6, extra_body=extra), spellings))
+    assert [r.choices[0].message.content for r in replies] == [expected] * 2
+    assert app.state.workers["chat"].largest_batch == 2
+
+
 # -- images ----------------------------------------------------------------------------------------
 
 
