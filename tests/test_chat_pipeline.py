@@ -13,7 +13,7 @@ from PIL import Image
 from viscpm.checkpoints import CheckpointError
 from viscpm.image_processing import ImageError
 from viscpm.pipelines.chat import ContextTooLong, VisCPMChat, append_turn
-from viscpm.pipelines.chat_options import ChatOptions, StopText, cut_at_stop
+from viscpm.pipelines.chat_options import StopText, cut_at_stop
 
 
 @pytest.fixture(scope="module")
