@@ -40,8 +40,8 @@ class GenerationCancelled(Exception):
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding options over token ids (stop strings and other text options live in the pipelines:
-    :class:`viscpm.pipelines.chat_options.ChatOptions`). The defaults are those of the official VisCPM-Chat.
+    """Decoding options over token ids (options on text, such as stop strings, are the pipelines').
+    The defaults are those of the official VisCPM-Chat.
 
     Length: ``max_new_tokens`` caps the answer at that many tokens. ``max_length`` instead keeps
     the official meaning, where an answer that never ends may reach ``max_length + 2`` tokens
