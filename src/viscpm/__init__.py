@@ -3,8 +3,9 @@
 __version__ = "0.1.0"
 
 from .pipelines.chat import VisCPMChat
+from .pipelines.chat_options import ChatOptions
 
-__all__ = ["VisCPMChat", "VisCPMPaint", "__version__"]
+__all__ = ["ChatOptions", "VisCPMChat", "VisCPMPaint", "__version__"]
 
 
 def __getattr__(name: str):

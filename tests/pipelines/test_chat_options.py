@@ -10,6 +10,12 @@ from viscpm.generation import GenerationConfig
 from viscpm.pipelines.chat_options import ChatOptions
 
 
+def test_chat_options_are_public():
+    import viscpm
+
+    assert viscpm.ChatOptions is ChatOptions
+
+
 def test_generation_config_holds_no_text():
     assert {f.name for f in dataclasses.fields(GenerationConfig)}.isdisjoint({"stop", "language"})
     assert issubclass(ChatOptions, GenerationConfig)  # decoding reads ChatOptions as it is
