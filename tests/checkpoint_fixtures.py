@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from .test_chat_model import official_tiny_state as chat_state
-from .test_paint_model import official_tiny_state as paint_state
-from .test_paint_pipeline import CHECKPOINT as PAINT_CHECKPOINT
-from .test_paint_pipeline import write_vae_folder
+from .models.test_chat_model import official_tiny_state as chat_state
+from .models.test_paint_model import official_tiny_state as paint_state
+from .pipelines.test_paint_pipeline import CHECKPOINT as PAINT_CHECKPOINT
+from .pipelines.test_paint_pipeline import write_vae_folder
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ from PIL import Image
 from viscpm.cli import main
 from viscpm.evaluation.paint_scores import FID_IMAGE_SIZE, load_prompts, prompt_language
 
-from .test_paint_speed import model_dir  # noqa: F401  (fixture: a tiny random painter folder)
-from .test_rerank import write_chinese_clip
+from ..pipelines.test_paint_speed import model_dir  # noqa: F401  (fixture: a tiny random painter folder)
+from ..rerank.test_rerank import write_chinese_clip
 
 PROMPTS = ["a red circle", "a blue square", "a green cat", "红色的猫", "红猫", "色"]
 

@@ -21,7 +21,7 @@ from viscpm.pipelines.paint import (
 )
 from viscpm.safety import SafetyResult
 
-from .test_paint_model import PROMPTS, official_tiny_state
+from ..models.test_paint_model import PROMPTS, official_tiny_state
 
 CHECKPOINT = "viscpm_paint_tiny_checkpoint.pt"
 STEPS = 4

@@ -17,8 +17,8 @@ from viscpm.pipelines.paint import candidate_seed
 from viscpm.rerank import QUESTIONS, ChatSelfRanker, ChineseCLIPRanker, load_ranker
 from viscpm.rerank.evaluate import evaluate_reranking
 
-from .test_chat_model import official_tiny_state as chat_state
-from .test_paint_pipeline import open_tiny
+from ..models.test_chat_model import official_tiny_state as chat_state
+from ..pipelines.test_paint_pipeline import open_tiny
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz", "cat", "red", "猫", "红", "色"]
 
