@@ -16,13 +16,9 @@ from viscpm.models.chat import CHAT_KEY_RULES, CHAT_PRESETS, ChatConfig, ChatMod
 from viscpm.models.cpmbee import CPMBeeConfig
 from viscpm.models.paint import PAINT_KEY_RULES, PAINT_PRESETS, BridgeConfig, PaintConfig, PaintModel
 
+from .pipelines.random_painter_fixtures import UNET
+
 LLM = CPMBeeConfig(vocab_size=64, dim_model=32, dim_ff=64, num_layers=2, num_heads=2, dim_head=16)
-UNET = {
-    "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": [16, 32],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 32, "attention_head_dim": [2, 4], "norm_num_groups": 8, "use_linear_projection": True,
-}
 KINDS = {
     "chat": (ChatConfig(LLM, BEiT3Config(image_size=32, patch_size=16, dim=32, num_heads=2, ffn_dim=64, num_layers=1),
                         query_num=4), ChatModel, CHAT_PRESETS, CHAT_KEY_RULES),

@@ -16,26 +16,10 @@ from viscpm.models.paint import (
 from viscpm.prompt import collate_for_forward, convert_data_to_id
 from viscpm.tokenization import CPMBeeTokenizer
 
-PROMPTS = {"en": "a photo of a cat sitting on a sofa", "zh": "海上生明月，天涯共此时，唯美风格，抽象风格"}
+from .paint_fixtures import PROMPTS, load_tiny, official_tiny_state, tiny_config_path
+
 BEE_FIELDS = ("input_ids", "input_id_subs", "context", "segment_ids", "num_segments", "segment_rel",
               "segment_rel_offset", "sample_ids", "span", "length", "ext_table_ids", "ext_table_sub")
-
-
-def official_tiny_state(reference):
-    """The official Paint checkpoint layout: trans_block.*, unet.*, llm.*."""
-    state = load_file(reference / "paint" / "tiny_viscpm_paint_nonllm.safetensors")
-    state.update({"llm." + k: v for k, v in load_file(reference / "llm" / "tiny_cpmbee.safetensors").items()})
-    return state
-
-
-def tiny_config_path(reference):
-    return reference / "paint" / "tiny_viscpm_paint_config.json"
-
-
-def load_tiny(reference, path, config_path="tiny"):
-    config_path = tiny_config_path(reference) if config_path == "tiny" else config_path
-    return load_weights(path, config_path, config_from_dict=PaintConfig.from_dict, presets=PAINT_PRESETS,
-                        build=PaintModel, rules=PAINT_KEY_RULES)
 
 
 @pytest.fixture(scope="module")
