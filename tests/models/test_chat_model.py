@@ -114,37 +114,6 @@ def test_preset_is_recognised_by_keys_and_shapes(reference, tmp_path):
     assert config == tiny
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda s: s.pop("llm.encoder.output_layernorm.weight"), "missing keys .*llm.encoder.output_layernorm.weight"),
-    (lambda s: s.__setitem__("query", torch.zeros(9, 32)), r"mis-shaped keys .*query: checkpoint \[9, 32\]"),
-    (lambda s: s.__setitem__("foo.bar", torch.zeros(1)), r"unexpected keys \[foo.bar\]"),
-])
-def test_wrong_checkpoints_give_one_clear_error(reference, tmp_path, damage, message):
-    state = official_tiny_state(reference)
-    damage(state)
-    path = tmp_path / "bad.pt"
-    torch.save(state, path)
-    with pytest.raises(CheckpointError, match=message):
-        load_tiny(reference, path)
-
-
-def test_truncated_and_foreign_files_give_clear_errors(reference, official_pt, tmp_path):
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(official_pt.read_bytes()[: 100_000])
-    with pytest.raises(CheckpointError, match="truncated.pt"):
-        load_tiny(reference, truncated)
-    text = tmp_path / "notes.pt"
-    text.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="notes.pt"):
-        load_tiny(reference, text)
-    with pytest.raises(CheckpointError, match="not found"):
-        load_tiny(reference, tmp_path / "missing.pt")
-    empty = tmp_path / "empty.pt"
-    empty.write_bytes(b"")
-    with pytest.raises(CheckpointError, match="empty"):
-        load_tiny(reference, empty)
-
-
 def test_freeze_flags():
     config = ChatConfig.from_dict({"llm": {"vocab_size": 100, "dim_model": 16, "dim_ff": 32, "num_layers": 1,
                                            "num_heads": 2, "dim_head": 8},

@@ -127,29 +127,6 @@ def test_tiny_checkpoint_matches_no_preset_but_is_recognised_when_one_fits(refer
     assert config == tiny
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda s: s.pop("trans_block.layernorm.bias"), r"missing keys \[trans_block.layernorm.bias\]"),
-    (lambda s: s.pop("unet.conv_out.weight"), r"missing keys \[unet.conv_out.weight\]"),
-    (lambda s: s.__setitem__("trans_block.w_out_res.weight", torch.zeros(32, 16)),
-     r"mis-shaped keys .*trans_block.w_out_res.weight: checkpoint \[32, 16\]"),
-    (lambda s: s.__setitem__("vae.decoder.conv_in.weight", torch.zeros(1)), r"unexpected keys \[vae.decoder"),
-])
-def test_wrong_checkpoints_give_one_clear_error(reference, tmp_path, damage, message):
-    state = official_tiny_state(reference)
-    damage(state)
-    path = tmp_path / "bad.pt"
-    torch.save(state, path)
-    with pytest.raises(CheckpointError, match=message):
-        load_tiny(reference, path)
-
-
-def test_truncated_file_gives_clear_error(reference, official_pt, tmp_path):
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(official_pt.read_bytes()[:100_000])
-    with pytest.raises(CheckpointError, match="truncated.pt"):
-        load_tiny(reference, truncated)
-
-
 def test_freeze_flags(reference):
     config = PaintConfig.from_dict(json.loads(tiny_config_path(reference).read_text()))
     trainable = lambda m: {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
