@@ -25,7 +25,7 @@ from viscpm.pipelines.paint import VisCPMPaint
 from viscpm.serve import ServeSettings, create_app
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.serve_fixtures import running  # noqa: E402  (a uvicorn server in a thread)
+from tests.serve.serve_fixtures import running  # noqa: E402  (a uvicorn server in a thread)
 
 
 def old_feed(stop: str, pending: str) -> int:

@@ -25,7 +25,7 @@ MISSING_REFERENCE = missing_reference(REFERENCE)
 REFERENCE_PARTS = ("chat", "cpmbee", "data", "llm", "manifest", "paint")
 
 # Fixtures used by several test files live in these modules (registered once here, not imported per file)
-pytest_plugins = ["tests.checkpoint_fixtures", "tests.serve_fixtures"]
+pytest_plugins = ["tests.checkpoint_fixtures", "tests.pipelines.random_painter_fixtures", "tests.serve.serve_fixtures"]
 
 
 def reference_present() -> bool:

@@ -1,5 +1,6 @@
 """Bad checkpoints and configs fail with a CheckpointError that names the problem, before any big
-allocation: wrong field types, absurd sizes, shard paths outside the folder, a full disk on save."""
+allocation: official .pt files with wrong keys, cut short, foreign or empty (the same checks for
+chat and paint), wrong field types, absurd sizes, shard paths outside the folder, a full disk on save."""
 from __future__ import annotations
 
 import errno
@@ -16,13 +17,10 @@ from viscpm.models.chat import CHAT_KEY_RULES, CHAT_PRESETS, ChatConfig, ChatMod
 from viscpm.models.cpmbee import CPMBeeConfig
 from viscpm.models.paint import PAINT_KEY_RULES, PAINT_PRESETS, BridgeConfig, PaintConfig, PaintModel
 
+from .models import chat_fixtures, paint_fixtures
+from .pipelines.random_painter_fixtures import UNET
+
 LLM = CPMBeeConfig(vocab_size=64, dim_model=32, dim_ff=64, num_layers=2, num_heads=2, dim_head=16)
-UNET = {
-    "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": [16, 32],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 32, "attention_head_dim": [2, 4], "norm_num_groups": 8, "use_linear_projection": True,
-}
 KINDS = {
     "chat": (ChatConfig(LLM, BEiT3Config(image_size=32, patch_size=16, dim=32, num_heads=2, ffn_dim=64, num_layers=1),
                         query_num=4), ChatModel, CHAT_PRESETS, CHAT_KEY_RULES),
@@ -40,6 +38,57 @@ def saved_folders(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(params=sorted(KINDS))
 def saved(request, saved_folders) -> tuple[str, Path]:
     return request.param, saved_folders[request.param]
+
+
+# The tiny official-format .pt of each model: its state dict and the loader the model tests use
+OFFICIAL = {"chat": chat_fixtures, "paint": paint_fixtures}
+
+
+def changed_state(change):
+    """Writes the official state, changed in place by ``change``, as a .pt."""
+    def write(state: dict, path: Path) -> None:
+        change(state)
+        torch.save(state, path)
+    return write
+
+
+def cut_short(state: dict, path: Path) -> None:
+    torch.save(state, path)
+    path.write_bytes(path.read_bytes()[:100_000])
+
+
+# Damage to the file itself, the same for both models
+FILE_DAMAGES = [
+    ("truncated", cut_short, "bad.pt"),
+    ("foreign", lambda state, path: path.write_text("not a checkpoint"), "bad.pt"),
+    ("missing", lambda state, path: None, "not found"),
+    ("empty", lambda state, path: path.write_bytes(b""), "empty"),
+]
+
+
+@pytest.mark.parametrize("kind, damage, message", [
+    pytest.param("chat", changed_state(lambda s: s.pop("llm.encoder.output_layernorm.weight")),
+                 "missing keys .*llm.encoder.output_layernorm.weight", id="chat-missing-key"),
+    pytest.param("chat", changed_state(lambda s: s.__setitem__("query", torch.zeros(9, 32))),
+                 r"mis-shaped keys .*query: checkpoint \[9, 32\]", id="chat-mis-shaped-key"),
+    pytest.param("chat", changed_state(lambda s: s.__setitem__("foo.bar", torch.zeros(1))),
+                 r"unexpected keys \[foo.bar\]", id="chat-unexpected-key"),
+    pytest.param("paint", changed_state(lambda s: s.pop("trans_block.layernorm.bias")),
+                 r"missing keys \[trans_block.layernorm.bias\]", id="paint-missing-bridge-key"),
+    pytest.param("paint", changed_state(lambda s: s.pop("unet.conv_out.weight")),
+                 r"missing keys \[unet.conv_out.weight\]", id="paint-missing-unet-key"),
+    pytest.param("paint", changed_state(lambda s: s.__setitem__("trans_block.w_out_res.weight", torch.zeros(32, 16))),
+                 r"mis-shaped keys .*trans_block.w_out_res.weight: checkpoint \[32, 16\]", id="paint-mis-shaped-key"),
+    pytest.param("paint", changed_state(lambda s: s.__setitem__("vae.decoder.conv_in.weight", torch.zeros(1))),
+                 r"unexpected keys \[vae.decoder", id="paint-unexpected-key"),
+    *(pytest.param(kind, damage, message, id=f"{kind}-{name}")
+      for kind in sorted(OFFICIAL) for name, damage, message in FILE_DAMAGES),
+])
+def test_bad_official_checkpoints_give_one_clear_error(reference, tmp_path, kind, damage, message):
+    path = tmp_path / "bad.pt"
+    damage(OFFICIAL[kind].official_tiny_state(reference), path)
+    with pytest.raises(CheckpointError, match=message):
+        OFFICIAL[kind].load_tiny(reference, path)
 
 
 def load(kind: str, folder: Path):

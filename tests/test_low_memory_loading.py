@@ -18,7 +18,7 @@ from viscpm.checkpoints import INDEX_NAME, WEIGHTS_NAME, CheckpointError, read_s
 from viscpm.cli import main
 from viscpm.pipelines.chat import VisCPMChat
 
-from .test_chat_model import official_tiny_state
+from .models.chat_fixtures import official_tiny_state
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise are Linux's")
 

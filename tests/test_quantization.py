@@ -14,7 +14,7 @@ from viscpm.quantization import (
     INT8_KERNEL_MAX_ROWS, Int4Linear, Int8Embedding, Int8Linear, quantize_linear, quantize_module, quantized_bytes,
 )
 
-from .test_cpmbee import golden_tiny_cpmbee
+from .models.cpmbee_fixtures import golden_tiny_cpmbee
 
 
 def linear_output(layer: nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -21,31 +21,11 @@ from viscpm.pipelines.paint import (
 )
 from viscpm.safety import SafetyResult
 
-from .test_paint_model import PROMPTS, official_tiny_state
+from ..checkpoint_fixtures import PAINT_CHECKPOINT as CHECKPOINT
+from ..checkpoint_fixtures import SIZE, open_tiny, pixels, write_vae_folder
+from ..models.paint_fixtures import PROMPTS, official_tiny_state
 
-CHECKPOINT = "viscpm_paint_tiny_checkpoint.pt"
 STEPS = 4
-SIZE = 32  # the tiny UNet's 16 latent pixels x the tiny VAE's factor 2
-
-
-def write_vae_folder(reference, folder):
-    """A diffusers AutoencoderKL folder as a user has it: config.json + weights. The weights keep
-    the pre-0.16 attention names (query/key/value/proj_attn), as the SD-2.1-base VAE on disk does."""
-    config = json.loads((reference / "paint" / "tiny_viscpm_paint_config.json").read_text())["vae_config_resolved"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **config}))
-    shutil.copy(reference / "paint" / "tiny_vae.safetensors", folder / "diffusion_pytorch_model.safetensors")
-
-
-def open_tiny(reference, paint_checkpoint_dir, **options):
-    options = {"image_safety_checker": False, "prompt_safety_checker": False, "add_ranker": False, **options}
-    return VisCPMPaint(paint_checkpoint_dir / CHECKPOINT, config_path=reference / "paint" / "tiny_viscpm_paint_config.json",
-                       progress_bar=False, **options)
-
-
-@pytest.fixture(scope="module")
-def painter(reference, paint_checkpoint_dir):
-    return open_tiny(reference, paint_checkpoint_dir)
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +44,6 @@ def golden_call(painter, golden, case, prompt=None, **overrides):
     kwargs.update(overrides)
     results = painter.paint(PROMPTS[case] if prompt is None else prompt, **kwargs)
     return results, steps
-
-
-def pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image).astype(int)
 
 
 # -- fidelity --------------------------------------------------------------------------------

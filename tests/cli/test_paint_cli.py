@@ -13,7 +13,7 @@ from viscpm.cli import build_parser, main
 from viscpm.cli.paint import run_paint
 from viscpm.pipelines.paint import RANKER_CANDIDATES
 
-from .test_paint_pipeline import CHECKPOINT
+from ..checkpoint_fixtures import PAINT_CHECKPOINT as CHECKPOINT
 
 
 def paint_args(reference, paint_checkpoint_dir, *extra):
@@ -87,7 +87,7 @@ def test_word_list_adds_terms(reference, paint_checkpoint_dir, tmp_path, capsys)
 
 
 def test_flagged_images_are_written_black_and_reported(reference, paint_checkpoint_dir, tmp_path):
-    from .test_safety_classifiers import sd_checker_folder
+    from ..safety.safety_fixtures import sd_checker_folder
 
     checker = sd_checker_folder(tmp_path, threshold=-1.0)  # the official kind, flagging everything
     out = tmp_path / "cat.png"
@@ -104,7 +104,7 @@ def test_flagged_images_are_written_black_and_reported(reference, paint_checkpoi
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, k", [(["--candidates", "3"], 3), ([], RANKER_CANDIDATES)])  # none: the pipeline's
 def test_ranker_folder_picks_the_best_of_k(reference, paint_checkpoint_dir, tmp_path, capsys, flags, k):
-    from .test_rerank import write_chinese_clip
+    from ..rerank.rerank_fixtures import write_chinese_clip
 
     folder = write_chinese_clip(tmp_path / "chinese-clip")
     out = tmp_path / "cat.png"
@@ -117,7 +117,7 @@ def test_ranker_folder_picks_the_best_of_k(reference, paint_checkpoint_dir, tmp_
 
 def test_image_mask_and_strength_edit_an_image(reference, paint_checkpoint_dir, tmp_path, capsys):
     """Issue 24: --image/--mask/--strength reach paint(); the PNG records the edit; bad inputs exit 2."""
-    from .test_paint_pipeline import open_tiny
+    from ..checkpoint_fixtures import open_tiny
 
     source, mask, out = tmp_path / "source.png", tmp_path / "mask.png", tmp_path / "edited.png"
     Image.new("RGB", (32, 32), (200, 40, 40)).save(source)

@@ -240,7 +240,7 @@ def test_paint_stages_freeze_what_they_should_and_load_in_the_pipeline(tmp_path,
                 add_ranker=False)  # adapters merged: loads as a plain model
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.toml")),
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.toml")),
                          ids=lambda p: p.name)
 def test_shipped_configs_parse(path):
     config = TrainConfig.from_file(path)

@@ -13,8 +13,7 @@ from PIL import Image
 from viscpm.cli import main
 from viscpm.evaluation.paint_scores import FID_IMAGE_SIZE, load_prompts, prompt_language
 
-from .test_paint_speed import model_dir  # noqa: F401  (fixture: a tiny random painter folder)
-from .test_rerank import write_chinese_clip
+from ..rerank.rerank_fixtures import write_chinese_clip
 
 PROMPTS = ["a red circle", "a blue square", "a green cat", "红色的猫", "红猫", "色"]
 
@@ -111,7 +110,7 @@ def direct_clip(folder, painted, prompts) -> tuple[float, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("network", ["tiny.pt", "inception_like.pt"])
-def test_clip_score_and_fid_equal_torchmetrics_on_the_painted_images(model_dir, chinese_clip, feature_files,  # noqa: F811
+def test_clip_score_and_fid_equal_torchmetrics_on_the_painted_images(model_dir, chinese_clip, feature_files,
                                                                      reference_dir, tmp_path, network, capsys):
     network_file, features = next((path, f) for path, f in feature_files.items() if path.name == network)
     prompts_file = tmp_path / "prompts.txt"

@@ -17,19 +17,8 @@ from viscpm.pipelines.chat_options import StopText, cut_at_stop
 
 
 @pytest.fixture(scope="module")
-def chat(reference, chat_checkpoint_dir):
-    return VisCPMChat(chat_checkpoint_dir / "viscpm_chat_tiny_checkpoint.pt",
-                      config_path=reference / "chat" / "tiny_viscpm_chat_config.json")
-
-
-@pytest.fixture(scope="module")
 def generate_golden(reference):
     return json.loads((reference / "chat" / "tiny_viscpm_chat_generate.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def image(reference):
-    return Image.open(reference / "data" / "figures" / "vlu_case1.png").convert("RGB")
 
 
 def test_two_turns_reproduce_official_beam_search(chat, generate_golden, image, reference):

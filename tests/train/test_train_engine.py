@@ -22,7 +22,7 @@ from viscpm.train.recipes import build_recipe
 
 from .train_fixtures import write_config, write_world
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # The child wraps the loss in a short sleep so a kill can land between two checkpoints.
 SLOW_CHILD = """

@@ -155,7 +155,7 @@ def test_no_false_alarms_on_shapesworld_or_reference_prompts(checker, reference)
 
 # The benchmarks (tests/data/safety, described in docs/safety.md). The word list was tuned on the
 # first pair; the held-out pair was written afterwards and is reported as first measured.
-BENCHMARK = Path(__file__).parent / "data" / "safety"
+BENCHMARK = Path(__file__).resolve().parents[1] / "data" / "safety"
 KNOWN_MISSES = {"yinhui pictures"}  # yin hui is also 银灰 "silver grey": not listed
 KNOWN_HELDOUT_FALSE_ALARMS = {
     "the naked trees of November", "a nude shade nail polish bottle",  # other senses of the word

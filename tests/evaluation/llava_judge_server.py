@@ -1,7 +1,7 @@
 """A stand-in judge for the LLaVA-Bench tests: a real HTTP server speaking the OpenAI chat-completions
 protocol (stdlib only), run as its own process by the tests.
 
-    python tests/llava_judge_server.py --mode-file MODE --log requests.jsonl [--fail-first N]
+    python tests/evaluation/llava_judge_server.py --mode-file MODE --log requests.jsonl [--fail-first N]
 
 It prints ``PORT <n>`` once listening. Each request reads the mode from ``--mode-file`` (so a test can
 switch it between runs):

@@ -17,12 +17,9 @@ from PIL import Image
 from viscpm.pipelines.chat import VisCPMChat
 from viscpm.serve import ServeSettings, create_app
 
-from .test_chat_model import official_tiny_state as chat_state
-from .test_paint_model import official_tiny_state as paint_state
-from .test_paint_pipeline import CHECKPOINT as PAINT_CHECKPOINT
-from .test_paint_pipeline import open_tiny, write_vae_folder
-
-CHAT_CHECKPOINT = "viscpm_chat_tiny_checkpoint.pt"
+from ..checkpoint_fixtures import CHAT_CHECKPOINT, PAINT_CHECKPOINT, open_tiny, write_vae_folder
+from ..models.chat_fixtures import official_tiny_state as chat_state
+from ..models.paint_fixtures import official_tiny_state as paint_state
 
 
 @pytest.fixture(scope="session")

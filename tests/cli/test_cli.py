@@ -96,7 +96,7 @@ def test_flags_take_the_library_defaults_and_names(capsys):
 
 
 def test_a_refused_image_exits_3_with_the_reason(reference, model_args, tmp_path, capsys):
-    from .test_safety_classifiers import sd_checker_folder
+    from ..safety.safety_fixtures import sd_checker_folder
 
     checker = sd_checker_folder(tmp_path, threshold=-1.0)  # the official kind, flagging everything
     image = str(reference / "data" / "figures" / "vlu_case1.png")

@@ -12,7 +12,7 @@ from viscpm.image_processing import ImageError
 from viscpm.pipelines.edit import prepare_edit
 from viscpm.pipelines.paint import SCHEDULERS, build_scheduler
 
-from .test_paint_pipeline import SIZE, painter, pixels  # noqa: F401  (fixtures)
+from ..checkpoint_fixtures import SIZE, pixels
 
 PROMPT = "a red square"
 STEPS = 4
@@ -37,7 +37,7 @@ def right_half_mask():
     return Image.fromarray(mask)
 
 
-def final_latents(painter, **options):  # noqa: F811
+def final_latents(painter, **options):
     kept = []
     results = painter.paint(PROMPT, num_inference_steps=STEPS, guidance_scale=7.5,
                             callback=lambda step: kept.append(step.latents.clone()), **options)
@@ -45,7 +45,7 @@ def final_latents(painter, **options):  # noqa: F811
 
 
 @torch.no_grad()
-def reference_edit(painter, image, strength, mask=None, scheduler="ddpm", seed=3):  # noqa: F811
+def reference_edit(painter, image, strength, mask=None, scheduler="ddpm", seed=3):
     """The diffusers-style loop written out: encode the image (posterior mode), noise it to the first
     kept timestep, denoise with CFG, and (inpainting) put the re-noised image back outside the mask."""
     vae = painter.vae
@@ -77,14 +77,14 @@ def reference_edit(painter, image, strength, mask=None, scheduler="ddpm", seed=3
 
 
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
-def test_img2img_equals_the_hand_written_loop_for_every_scheduler(painter, source, scheduler):  # noqa: F811
+def test_img2img_equals_the_hand_written_loop_for_every_scheduler(painter, source, scheduler):
     results, latents = final_latents(painter, image=source, strength=0.5, scheduler=scheduler, seed=3)
     expected, _ = reference_edit(painter, source, 0.5, scheduler=scheduler)
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)
     assert results[0].metadata["edit"] == {"mode": "img2img", "strength": 0.5}
 
 
-def test_inpainting_equals_the_hand_written_loop_and_keeps_unmasked_latents(painter, source,  # noqa: F811
+def test_inpainting_equals_the_hand_written_loop_and_keeps_unmasked_latents(painter, source,
                                                                              right_half_mask):
     results, latents = final_latents(painter, image=source, mask_image=right_half_mask, seed=3)
     expected, _ = reference_edit(painter, source, 1.0, mask=right_half_mask)
@@ -96,13 +96,13 @@ def test_inpainting_equals_the_hand_written_loop_and_keeps_unmasked_latents(pain
     assert results[0].metadata["edit"]["mode"] == "inpaint" and results[0].metadata["edit"]["strength"] == 1.0
 
 
-def test_strength_one_is_text_to_image_from_the_same_noise(painter, source):  # noqa: F811
+def test_strength_one_is_text_to_image_from_the_same_noise(painter, source):
     edited = painter.paint(PROMPT, image=source, strength=1.0, num_inference_steps=STEPS, seed=5)[0]
     plain = painter.paint(PROMPT, num_inference_steps=STEPS, seed=5)[0]
     assert np.array_equal(pixels(edited.image), pixels(plain.image))
 
 
-def test_strength_zero_is_the_vae_round_trip(painter, source):  # noqa: F811
+def test_strength_zero_is_the_vae_round_trip(painter, source):
     steps = []
     result = painter.paint(PROMPT, image=source, strength=0.0, num_inference_steps=STEPS, seed=5,
                            callback=steps.append)[0]
@@ -111,7 +111,7 @@ def test_strength_zero_is_the_vae_round_trip(painter, source):  # noqa: F811
     assert steps == [] and np.array_equal(pixels(result.image), round_trip.astype(int))
 
 
-def test_ranking_negative_prompts_and_images_per_prompt_work_with_an_image(painter, source):  # noqa: F811
+def test_ranking_negative_prompts_and_images_per_prompt_work_with_an_image(painter, source):
     ranked = painter.paint(PROMPT, "blurry", image=source, strength=0.6, num_inference_steps=2, seed=9,
                            num_images_per_prompt=2, add_ranker=lambda prompt, images: [float(i) for i in range(len(images))],
                            num_candidates=3)
@@ -121,13 +121,13 @@ def test_ranking_negative_prompts_and_images_per_prompt_work_with_an_image(paint
     assert np.array_equal(pixels(alone[0].image), pixels(ranked[1].image))  # the seed rule holds for edits
 
 
-def test_the_image_is_resized_to_the_requested_size(painter, source):  # noqa: F811
+def test_the_image_is_resized_to_the_requested_size(painter, source):
     result = painter.paint(PROMPT, image=source.resize((48, 48)), strength=0.5, num_inference_steps=2, seed=1,
                            height=SIZE, width=SIZE)[0]
     assert result.image.size == (SIZE, SIZE)
 
 
-def test_bad_edit_inputs_are_clear_errors(painter, source, right_half_mask, tmp_path):  # noqa: F811
+def test_bad_edit_inputs_are_clear_errors(painter, source, right_half_mask, tmp_path):
     for strength in (-0.1, 1.5, float("nan"), "half", True):
         with pytest.raises(ValueError, match="strength must be a number from 0"):
             painter.paint(PROMPT, image=source, strength=strength, num_inference_steps=2)

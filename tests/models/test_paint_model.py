@@ -16,26 +16,10 @@ from viscpm.models.paint import (
 from viscpm.prompt import collate_for_forward, convert_data_to_id
 from viscpm.tokenization import CPMBeeTokenizer
 
-PROMPTS = {"en": "a photo of a cat sitting on a sofa", "zh": "海上生明月，天涯共此时，唯美风格，抽象风格"}
+from .paint_fixtures import PROMPTS, load_tiny, official_tiny_state, tiny_config_path
+
 BEE_FIELDS = ("input_ids", "input_id_subs", "context", "segment_ids", "num_segments", "segment_rel",
               "segment_rel_offset", "sample_ids", "span", "length", "ext_table_ids", "ext_table_sub")
-
-
-def official_tiny_state(reference):
-    """The official Paint checkpoint layout: trans_block.*, unet.*, llm.*."""
-    state = load_file(reference / "paint" / "tiny_viscpm_paint_nonllm.safetensors")
-    state.update({"llm." + k: v for k, v in load_file(reference / "llm" / "tiny_cpmbee.safetensors").items()})
-    return state
-
-
-def tiny_config_path(reference):
-    return reference / "paint" / "tiny_viscpm_paint_config.json"
-
-
-def load_tiny(reference, path, config_path="tiny"):
-    config_path = tiny_config_path(reference) if config_path == "tiny" else config_path
-    return load_weights(path, config_path, config_from_dict=PaintConfig.from_dict, presets=PAINT_PRESETS,
-                        build=PaintModel, rules=PAINT_KEY_RULES)
 
 
 @pytest.fixture(scope="module")
@@ -141,29 +125,6 @@ def test_tiny_checkpoint_matches_no_preset_but_is_recognised_when_one_fits(refer
     config = load_weights(official_pt, None, config_from_dict=PaintConfig.from_dict, presets={"tiny": tiny},
                           build=PaintModel, rules=PAINT_KEY_RULES)[1]
     assert config == tiny
-
-
-@pytest.mark.parametrize("damage, message", [
-    (lambda s: s.pop("trans_block.layernorm.bias"), r"missing keys \[trans_block.layernorm.bias\]"),
-    (lambda s: s.pop("unet.conv_out.weight"), r"missing keys \[unet.conv_out.weight\]"),
-    (lambda s: s.__setitem__("trans_block.w_out_res.weight", torch.zeros(32, 16)),
-     r"mis-shaped keys .*trans_block.w_out_res.weight: checkpoint \[32, 16\]"),
-    (lambda s: s.__setitem__("vae.decoder.conv_in.weight", torch.zeros(1)), r"unexpected keys \[vae.decoder"),
-])
-def test_wrong_checkpoints_give_one_clear_error(reference, tmp_path, damage, message):
-    state = official_tiny_state(reference)
-    damage(state)
-    path = tmp_path / "bad.pt"
-    torch.save(state, path)
-    with pytest.raises(CheckpointError, match=message):
-        load_tiny(reference, path)
-
-
-def test_truncated_file_gives_clear_error(reference, official_pt, tmp_path):
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(official_pt.read_bytes()[:100_000])
-    with pytest.raises(CheckpointError, match="truncated.pt"):
-        load_tiny(reference, truncated)
 
 
 def test_freeze_flags(reference):

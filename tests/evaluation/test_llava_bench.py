@@ -1,6 +1,6 @@
 """``viscpm eval llava-bench`` end to end: a tiny random chat model, stand-in images, a small data set
 in LLaVA's file layout (English and Chinese), and a real judge process speaking the OpenAI protocol
-(tests/llava_judge_server.py). The real LLaVA-Bench files are read from ../shared/reference."""
+(tests/evaluation/llava_judge_server.py). The real LLaVA-Bench files are read from ../shared/reference."""
 from __future__ import annotations
 
 import hashlib

@@ -13,22 +13,9 @@ from viscpm.models.chat import (
     CHAT_KEY_RULES, CHAT_PRESETS, CHAT_UNUSED_OFFICIAL_KEYS, ChatConfig, ChatModel,
 )
 
+from .chat_fixtures import load_tiny, official_tiny_state
+
 VOCAB = 86583
-
-
-def official_tiny_state(reference, with_mim_head=False):
-    state = load_file(reference / "chat" / "tiny_viscpm_chat_nonllm.safetensors")
-    state.update({"llm." + k: v for k, v in load_file(reference / "llm" / "tiny_cpmbee.safetensors").items()})
-    if with_mim_head:  # the official file carries this unused head; the golden file leaves it out
-        state["vpm.mim_head.weight"] = torch.zeros(8192, 1024)
-        state["vpm.mim_head.bias"] = torch.zeros(8192)
-    return state
-
-
-def load_tiny(reference, path):
-    return load_weights(path, reference / "chat" / "tiny_viscpm_chat_config.json",
-                        config_from_dict=ChatConfig.from_dict, presets=CHAT_PRESETS, build=ChatModel,
-                        rules=CHAT_KEY_RULES, unused=CHAT_UNUSED_OFFICIAL_KEYS)[0]
 
 
 @pytest.fixture(scope="module")
@@ -125,37 +112,6 @@ def test_preset_is_recognised_by_keys_and_shapes(reference, tmp_path):
     config = load_weights(path, None, config_from_dict=ChatConfig.from_dict, presets={"tiny": tiny}, build=ChatModel,
                           rules=CHAT_KEY_RULES, unused=CHAT_UNUSED_OFFICIAL_KEYS)[1]
     assert config == tiny
-
-
-@pytest.mark.parametrize("damage, message", [
-    (lambda s: s.pop("llm.encoder.output_layernorm.weight"), "missing keys .*llm.encoder.output_layernorm.weight"),
-    (lambda s: s.__setitem__("query", torch.zeros(9, 32)), r"mis-shaped keys .*query: checkpoint \[9, 32\]"),
-    (lambda s: s.__setitem__("foo.bar", torch.zeros(1)), r"unexpected keys \[foo.bar\]"),
-])
-def test_wrong_checkpoints_give_one_clear_error(reference, tmp_path, damage, message):
-    state = official_tiny_state(reference)
-    damage(state)
-    path = tmp_path / "bad.pt"
-    torch.save(state, path)
-    with pytest.raises(CheckpointError, match=message):
-        load_tiny(reference, path)
-
-
-def test_truncated_and_foreign_files_give_clear_errors(reference, official_pt, tmp_path):
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(official_pt.read_bytes()[: 100_000])
-    with pytest.raises(CheckpointError, match="truncated.pt"):
-        load_tiny(reference, truncated)
-    text = tmp_path / "notes.pt"
-    text.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="notes.pt"):
-        load_tiny(reference, text)
-    with pytest.raises(CheckpointError, match="not found"):
-        load_tiny(reference, tmp_path / "missing.pt")
-    empty = tmp_path / "empty.pt"
-    empty.write_bytes(b"")
-    with pytest.raises(CheckpointError, match="empty"):
-        load_tiny(reference, empty)
 
 
 def test_freeze_flags():

@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 from viscpm.models.cpmbee import CPMBEE_KEY_RULES, CPMBee, CPMBeeConfig, SegmentPositionBias
 from viscpm.models.keymap import official_to_ours, ours_to_official
 
+from .cpmbee_fixtures import golden_tiny_cpmbee
+
 VOCAB = 86583
 
 
@@ -21,15 +23,6 @@ def golden(reference):
 @pytest.fixture(scope="module")
 def meta(reference):
     return json.loads((reference / "llm" / "tiny_cpmbee_golden_meta.json").read_text())
-
-
-def golden_tiny_cpmbee(reference) -> CPMBee:
-    """The official tiny CPM-Bee the golden outputs were made with, in our key names."""
-    config = CPMBeeConfig.from_dict(json.loads((reference / "llm" / "tiny_cpmbee_config.json").read_text()))
-    llm = CPMBee(config).eval()
-    official = load_file(reference / "llm" / "tiny_cpmbee.safetensors")
-    llm.load_state_dict({official_to_ours(k, CPMBEE_KEY_RULES): v for k, v in official.items()}, strict=True)
-    return llm
 
 
 @pytest.fixture(scope="module")

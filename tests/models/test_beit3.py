@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from .conftest import load_json
+from ..conftest import load_json
 from safetensors.torch import load_file
 
 from viscpm.models.beit3 import (
