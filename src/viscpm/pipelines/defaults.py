@@ -121,3 +121,12 @@ class MemoryOptions:
                 isinstance(slicing, bool) or not isinstance(slicing, int) or slicing < 1):
             raise ValueError(f"attention_slicing must be 'auto', 'max', a positive number of heads or None, "
                              f"got {slicing!r}")
+
+    def apply(self, unet, vae) -> None:
+        """Switch these on in a diffusers UNet and VAE."""
+        if self.attention_slicing is not None:
+            unet.set_attention_slice(self.attention_slicing)
+        if self.vae_slicing:
+            vae.enable_slicing()
+        if self.vae_tiling:
+            vae.enable_tiling()

@@ -1,6 +1,6 @@
-"""VisCPMPaint: paint from Chinese or English prompts. A thin pipeline with no model math:
-check inputs → encode prompt and negative → prepare latents → denoise with guidance → decode →
-postprocess → safety → rank (the numbered steps of :meth:`VisCPMPaint.paint`).
+"""VisCPMPaint: paint from Chinese or English prompts. A thin pipeline with no model math; the
+steps of :meth:`VisCPMPaint.paint`: check inputs → encode prompt and negative → prepare latents →
+denoise with guidance → decode → postprocess → safety → rank.
 
 The seed API matches the official one, so VisCPM users can switch::
 
@@ -8,16 +8,11 @@ The seed API matches the official one, so VisCPM users can switch::
     image = painter.generate("海上生明月，天涯共此时")              # one PIL image (a grid)
 
 Beyond it, ``painter.paint(...)`` (also ``painter(...)``) returns one :class:`PaintedImage` per
-image with its seed, steps, scheduler and guidance, takes ``height``/``width``, a seed, a list of
-prompts, and the advanced options of :class:`PaintOptions` (a scheduler by name, a preset, a
-per-step callback, the safety and ranking switches); with ``image=`` (and ``strength``) it paints
-image-to-image, with ``mask_image=`` it inpaints (see :mod:`viscpm.pipelines.edit`). Schedulers,
-presets and defaults live in :mod:`viscpm.pipelines.defaults`; loading in :mod:`viscpm.pipelines.loading`.
-
-Safety and ranking are pluggable parts (:mod:`viscpm.safety`, :mod:`viscpm.rerank`), chosen when
-the painter is built and switchable per call: the prompt checker refuses a flagged prompt
-(:class:`RefusedPrompt`, nothing painted), the image checker blackens flagged images and marks
-them, the ranker paints ``num_candidates`` images for each one returned and keeps the best.
+image with its settings; it paints image-to-image (``image=``) and inpaints (``mask_image=``, see
+:mod:`viscpm.pipelines.edit`). Its advanced options are :class:`PaintOptions`; schedulers, presets
+and defaults live in :mod:`viscpm.pipelines.defaults`, loading in :mod:`viscpm.pipelines.loading`.
+Safety checkers refuse a flagged prompt (:class:`RefusedPrompt`) and blacken flagged images; a
+ranker keeps the best of ``num_candidates`` images (:mod:`viscpm.safety`, :mod:`viscpm.rerank`).
 
 Choices where the official code was silent or fragile:
 * an empty prompt is allowed: it is exactly the official unconditional prompt, so it paints an
@@ -53,37 +48,16 @@ from ..placement import dispatch, place
 from ..prompt import BeeInputs, collate_for_forward, convert_data_to_id
 from ..quantization import refuse_quantized
 from ..rerank import Ranker, load_ranker
-from ..safety import (
-    ImageChecker,
-    PromptChecker,
-    load_image_checker,
-    load_prompt_checker,
-    screen_images,
-    verdict,
-)
+from ..safety import ImageChecker, PromptChecker, load_image_checker, load_prompt_checker, screen_images, verdict
 from ..tokenization import CPMBeeTokenizer
 from .chat import VisCPMChat
 from .defaults import (
-    RANKER_CANDIDATES,
-    SAMPLING_PRESETS,
-    SCHEDULERS,
-    MemoryOptions,
-    build_scheduler,
-    check_guidance_scale,
-    default_model_path,
-    has_default_model,
-    is_packaged,
-    sampling_preset,
+    RANKER_CANDIDATES, SAMPLING_PRESETS, SCHEDULERS, MemoryOptions, build_scheduler, check_guidance_scale,
+    default_model_path, has_default_model, is_packaged, sampling_preset
 )
 from .edit import EditSource, edit_metadata, prepare_edit
 from .loading import PaintDefaults, check_vae, check_vocab, load_paint
-from .paint_types import (
-    PaintedImage,
-    PaintOptions,
-    PaintStep,
-    RefusedPrompt,
-    grid_image,
-)
+from .paint_types import PaintedImage, PaintOptions, PaintStep, RefusedPrompt, grid_image
 from .switches import resolve_switch
 
 __all__ = [  # the defaults and loading names are re-exported: this is where painting's names were always found
@@ -141,18 +115,10 @@ class VisCPMPaint:
     """Text to image. ``model_path``: an official ``.pt``, our saved folder, or None for the model
     shipped with the package (loaded in fp32 unless ``dtype`` says otherwise).
 
-    The switches (details in :mod:`viscpm.safety` and :mod:`viscpm.rerank`), each resolved here
-    once and switchable for one call of :meth:`paint` by ``True``/``False``/a callable:
-
-    * ``prompt_safety_checker``: ``None``/``True`` the offline lexicon checker; a folder: the
-      official BERT classifier; ``False`` off; or a callable ``(str) -> bool | SafetyResult``.
-    * ``image_safety_checker``: ``None`` NudeNet when ``viscpm[safety]`` is installed, else off
-      (logged); ``True`` NudeNet or an error; a folder: the official Stable Diffusion checker;
-      ``False`` off; or a callable ``(PIL.Image) -> bool | SafetyResult``.
-    * ``add_ranker``: ``None`` self-reranking with VisCPM-Chat when one is available (painting
-      with the packaged model uses the packaged chat model), else off (logged); ``True`` the same
-      or an error; a VisCPMChat; a folder: Chinese-CLIP (the official ranker) or a chat model;
-      ``False`` off; or a callable ``(prompt, images) -> scores``.
+    ``prompt_safety_checker``, ``image_safety_checker``, ``add_ranker``: a name, a folder, a bool,
+    None (the default) or a callable, resolved here once (the tables: :mod:`viscpm.safety`,
+    :mod:`viscpm.rerank`; None self-reranks only with the packaged models); a call switches them
+    with ``True``/``False``/a callable (:mod:`viscpm.pipelines.switches`).
 
     ``quant``: ``"int8"``/``"int4"`` weight-only quantization of the CPM-Bee text encoder.
 
@@ -251,20 +217,12 @@ class VisCPMPaint:
         }
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.progress_bar, self.quant = progress_bar, quant
-        self.memory = self._apply_memory_options(memory if memory is not None else MemoryOptions())
+        self.memory = memory if memory is not None else MemoryOptions()
+        if not isinstance(self.memory, MemoryOptions):
+            raise TypeError(f"memory must be a MemoryOptions, got {type(self.memory).__name__}")
+        self.memory.apply(model.unet, vae)
         trained = model.unet.config.sample_size * self.vae_scale_factor
         self.default_size = (defaults.height or trained, defaults.width or trained)  # (height, width)
-
-    def _apply_memory_options(self, memory: MemoryOptions) -> MemoryOptions:
-        if not isinstance(memory, MemoryOptions):
-            raise TypeError(f"memory must be a MemoryOptions, got {type(memory).__name__}")
-        if memory.attention_slicing is not None:
-            self.model.unet.set_attention_slice(memory.attention_slicing)
-        if memory.vae_slicing:
-            self.vae.enable_slicing()
-        if memory.vae_tiling:
-            self.vae.enable_tiling()
-        return memory
 
     # -- the parts of a call -----------------------------------------------------------------
 
