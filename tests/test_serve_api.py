@@ -230,6 +230,11 @@ def test_per_request_pipeline_switches_pass_through(tiny_paint, monkeypatch):
         client(url).images.generate(prompt="x", extra_body={**steps, "add_ranker": False, "foo": 1,
                                                             "image_safety_checker": True})
         assert seen["add_ranker"] is False and seen["image_safety_checker"] is True and "foo" not in seen
+        source = png_bytes(Image.new("RGB", (32, 32), "white"))  # an edit's form fields: text "true"/"false"
+        seen.clear()
+        client(url).images.edit(image=("source.png", source, "image/png"), prompt="x",
+                                extra_body={**steps, "prompt_safety_checker": True, "add_ranker": False})
+        assert seen["prompt_safety_checker"] is True and seen["add_ranker"] is False
         for value in ([1], "/some/folder", 1000, "true"):  # switches only: no paths, no counts
             with pytest.raises(openai.BadRequestError, match="add_ranker: .*must be true, false or null"):
                 client(url).images.generate(prompt="x", extra_body={**steps, "add_ranker": value})

@@ -35,22 +35,12 @@ from PIL import Image
 from ..answer_language import AnswerLanguage, check_language
 from ..checkpoints import save_folder
 from ..generation import (
-    AnswerTokens,
-    GenerationCancelled,
-    GenerationConfig,
-    beam_search,
-    group_by_slot,
-    stream_tokens,
+    AnswerTokens, GenerationCancelled, GenerationConfig, beam_search, group_by_slot, stream_tokens,
 )
-from ..image_processing import (
-    DEFAULT_MAX_PIXELS,
-    ImageInput,
-    ImageTransform,
-    load_image,
-)
+from ..image_processing import DEFAULT_MAX_PIXELS, ImageInput, ImageTransform, load_image
 from ..models.chat import ChatModel
-from ..placement import dispatch, place
 from ..prompt import GenerationPrompt, append_turn, pack_for_generation
+from ..placement import dispatch, place
 from ..quantization import refuse_quantized
 from ..safety import ImageChecker, Refused, load_image_checker, verdict
 from ..tokenization import CPMBeeTokenizer
