@@ -9,6 +9,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -17,6 +18,9 @@ from PIL.PngImagePlugin import PngInfo
 from ..rerank import Ranker
 from ..safety import ImageChecker, PromptChecker, Refused
 from .defaults import DEFAULT_PRESET, RANKER_CANDIDATES
+
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 GRID_MAX_COLUMNS = 8
 
@@ -86,7 +90,7 @@ class PaintOptions:
     True turns it on (the painter's, or the default), a callable replaces it. With a ranker, each
     returned image is the best of ``num_candidates``."""
 
-    scheduler: str | object | None = None  # a name or a diffusers scheduler
+    scheduler: str | SchedulerMixin | None = None
     preset: str = DEFAULT_PRESET
     generator: torch.Generator | None = None
     latents: torch.Tensor | None = None
