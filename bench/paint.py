@@ -35,7 +35,7 @@ from diffusers import StableDiffusionPipeline
 from viscpm import VisCPMPaint
 from viscpm.checkpoints import VAE_FOLDER, save_folder
 from viscpm.models.paint import PaintModel
-from viscpm.pipelines.paint import SAMPLING_PRESETS, build_scheduler
+from viscpm.pipelines.defaults import SAMPLING_PRESETS, build_scheduler
 
 PROMPT = "A big red circle in the top left corner."
 GUIDANCE = 4.0  # what `viscpm eval shapes` paints with

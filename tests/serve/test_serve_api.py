@@ -231,24 +231,29 @@ def test_images_edit_with_the_openai_client(server, tiny_paint):
 
 
 def test_per_request_pipeline_switches_pass_through(tiny_paint, monkeypatch):
-    """Extra fields that name a keyword of VisCPMPaint.paint reach it when they are switches; others
-    are ignored; turning a safety checker off needs the operator's consent."""
+    """The switches the request schema declares reach VisCPMPaint.paint when they are true, false or
+    null; other extra fields are ignored; turning a safety checker off needs the operator's consent."""
     seen = {}
     real = tiny_paint.paint
 
-    def paint(prompt, negative_prompt=None, *, flip: bool = False, image_safety_checker=None, **options):
-        seen.update(options, flip=flip, image_safety_checker=image_safety_checker)
+    def paint(prompt, negative_prompt=None, *, image_safety_checker=None, **options):
+        seen.update(options, image_safety_checker=image_safety_checker)
         return real(prompt, negative_prompt, **options)
 
     monkeypatch.setattr(tiny_paint, "paint", paint)
     steps = {"num_inference_steps": 1}
     with serving(paint=tiny_paint) as url:
-        client(url).images.generate(prompt="x", extra_body={**steps, "flip": True, "foo": 1,
+        client(url).images.generate(prompt="x", extra_body={**steps, "add_ranker": False, "foo": 1,
                                                             "image_safety_checker": True})
-        assert seen["flip"] is True and seen["image_safety_checker"] is True and "foo" not in seen
-        for value in ([1], "/some/folder", 1000):  # switches only: no paths, no counts
-            with pytest.raises(openai.BadRequestError, match="flip must be true, false or null"):
-                client(url).images.generate(prompt="x", extra_body={**steps, "flip": value})
+        assert seen["add_ranker"] is False and seen["image_safety_checker"] is True and "foo" not in seen
+        source = png_bytes(Image.new("RGB", (32, 32), "white"))  # an edit's form fields: text "true"/"false"
+        seen.clear()
+        client(url).images.edit(image=("source.png", source, "image/png"), prompt="x",
+                                extra_body={**steps, "prompt_safety_checker": True, "add_ranker": False})
+        assert seen["prompt_safety_checker"] is True and seen["add_ranker"] is False
+        for value in ([1], "/some/folder", 1000, "true"):  # switches only: no paths, no counts
+            with pytest.raises(openai.BadRequestError, match="add_ranker: .*must be true, false or null"):
+                client(url).images.generate(prompt="x", extra_body={**steps, "add_ranker": value})
         with pytest.raises(openai.PermissionDeniedError, match="--allow-safety-off"):
             client(url).images.generate(prompt="x", extra_body={**steps, "image_safety_checker": False})
     with serving(paint=tiny_paint, allow_safety_off=True) as url:

@@ -25,23 +25,26 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from functools import cache
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from ..answer_language import AnswerLanguage
-from ..checkpoints import find_vocab, load_weights, save_folder
+from ..checkpoints import save_folder
 from ..generation import AnswerTokens, GenerationCancelled, beam_search, group_by_slot, stream_tokens
 from ..image_processing import DEFAULT_MAX_PIXELS, ImageInput, ImageTransform, load_image
-from ..models.chat import CHAT_KEY_RULES, CHAT_PRESETS, CHAT_UNUSED_OFFICIAL_KEYS, ChatConfig, ChatModel
-from ..prompt import GenerationPrompt, append_turn, pack_for_generation
+from ..models.chat import ChatModel
 from ..placement import dispatch, place
+from ..prompt import GenerationPrompt, append_turn, pack_for_generation
 from ..quantization import refuse_quantized
 from ..safety import ImageChecker, Refused, load_image_checker, verdict
 from ..tokenization import CPMBeeTokenizer
 from .chat_options import ChatOptions, StopText, cut_at_stop
 from .defaults import default_model_path
+from .loading import check_vocab, load_chat
+from .switches import resolve_switch
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,11 @@ class ContextTooLong(ValueError):
             f"is {budget:,}; start a new conversation (or shorten this one), ask for fewer new tokens "
             "(max_new_tokens), or raise the budget (max_context_tokens; --max-context-tokens on the command line)"
         )
+
+
+def check_context_budget(max_context_tokens) -> None:
+    if not (isinstance(max_context_tokens, int) and max_context_tokens >= 1):
+        raise ValueError(f"max_context_tokens must be a positive number of tokens, got {max_context_tokens!r}")
 
 
 class VisCPMChat:
@@ -113,52 +121,55 @@ class VisCPMChat:
         max_memory: dict | None = None,
         offload_folder: str | os.PathLike | None = None,
     ):
-        if not (isinstance(max_context_tokens, int) and max_context_tokens >= 1):
-            raise ValueError(f"max_context_tokens must be a positive number of tokens, got {max_context_tokens!r}")
-        self.max_context_tokens = max_context_tokens
-        self.image_safety_checker: ImageChecker | None = load_image_checker(image_safety_checker)
-        self._default_checker: ImageChecker | None = None  # loaded when a call turns the checker on
+        check_context_budget(max_context_tokens)
+        checker = load_image_checker(image_safety_checker)  # first, so a wrong switch fails before loading
         if model_path is None:  # the packaged model is stored in fp16 to stay small; run it in fp32
             model_path, dtype = default_model_path("chat"), dtype or torch.float32
         on_cpu = torch.device(device).type == "cpu"  # CPU: quantized while loading; CUDA: by bitsandbytes
-        model, config, weights = load_weights(
-            model_path, config_path, config_from_dict=ChatConfig.from_dict, presets=CHAT_PRESETS,
-            build=ChatModel, rules=CHAT_KEY_RULES, unused=CHAT_UNUSED_OFFICIAL_KEYS,
-            quant=quant if on_cpu else None, quant_part="llm",
-        )
-        self.vocab_path = find_vocab(weights, vocab_path)
-        self.tokenizer = CPMBeeTokenizer(self.vocab_path)
-        if self.tokenizer.vocab_size != config.llm.vocab_size:
-            raise ValueError(
-                f"vocab {self.vocab_path} has {self.tokenizer.vocab_size} tokens but the model expects "
-                f"{config.llm.vocab_size}; pass the vocab that belongs to {weights}"
-            )
+        parts = load_chat(model_path, config_path, vocab_path, quant=quant if on_cpu else None)
         # weight-only int8/int4 (``quant``) covers the LLM on CPU: every decoded token reads all of it.
         # The vision encoder and mapping run once per image (compute-bound, no gain from 8 bits) and
         # were most of int8's logit error on bench/decode.py's model (3.1 of 5.4 %), so they stay float.
-        self.model = place(model, device, dtype or (torch.float32 if quant else None), quant)
+        model = place(parts.model, device, dtype or (torch.float32 if quant else None), quant)
         if device_map is not None:
-            self.model = dispatch(self.model, device_map, max_memory=max_memory, offload_folder=offload_folder)
-        self.quant = quant
-        self.config = config
+            model = dispatch(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
+        self._setup(model, parts.tokenizer, device, checker, max_image_pixels, max_context_tokens, quant)
+
+    @classmethod
+    def from_components(
+        cls,
+        model: ChatModel,
+        tokenizer: CPMBeeTokenizer,
+        *,
+        image_safety_checker: ImageChecker | None = None,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+        device: str | torch.device | None = None,
+        quant: str | None = None,
+    ) -> VisCPMChat:
+        """A pipeline over a model and tokenizer you already hold (e.g. from
+        :func:`viscpm.pipelines.loading.load_chat`, or built in a test), as diffusers' pipelines take
+        their components. They are used as given: no checker unless one is passed; ``device`` (where
+        inputs go) defaults to the model's; ``quant``: how the model was quantized, if it was."""
+        check_context_budget(max_context_tokens)
+        check_vocab(tokenizer, model)
+        pipeline = cls.__new__(cls)
+        device = device if device is not None else next(model.parameters()).device
+        pipeline._setup(model, tokenizer, device, image_safety_checker, max_image_pixels, max_context_tokens, quant)
+        return pipeline
+
+    def _setup(self, model: ChatModel, tokenizer: CPMBeeTokenizer, device: str | torch.device,
+               image_safety_checker: ImageChecker | None, max_image_pixels: int, max_context_tokens: int,
+               quant: str | None) -> None:
+        self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
+        self.vocab_path = tokenizer.vocab_path
         self.device = torch.device(device)
-        self.transform = ImageTransform(config.vision.image_size)
-        self.max_image_pixels = max_image_pixels
+        self.image_safety_checker = image_safety_checker
+        self._default_checker = cache(lambda: load_image_checker(True))  # what a call's True turns on
+        self.transform = ImageTransform(self.config.vision.image_size)
+        self.max_image_pixels, self.max_context_tokens, self.quant = max_image_pixels, max_context_tokens, quant
 
     # -- inputs ------------------------------------------------------------------------------
-
-    def _checker(self, override) -> ImageChecker | None:
-        """The image checker for one call (see the class docstring)."""
-        if override is None or (override is True and self.image_safety_checker is not None):
-            return self.image_safety_checker
-        if override is True:
-            if self._default_checker is None:
-                self._default_checker = load_image_checker(True)
-            return self._default_checker
-        if not (override is False or callable(override)):
-            raise ValueError("image_safety_checker: per call, pass true or false (or, from Python, a callable); load "
-                             f"a checker from a folder when building VisCPMChat, got {override!r}")
-        return load_image_checker(override)
 
     def _load(self, image: ImageInput, checker: ImageChecker | None) -> Image.Image:
         image = load_image(image, max_pixels=self.max_image_pixels)
@@ -176,7 +187,8 @@ class VisCPMChat:
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[ImageInput], *, image_safety_checker=None) -> torch.Tensor:
-        checker = self._checker(image_safety_checker)
+        checker = resolve_switch("image_safety_checker", image_safety_checker, self.image_safety_checker,
+                                 self._default_checker)
         pixel_values = self.transform([self._load(image, checker) for image in images]).to(self.device)
         return self.model.encode_images(pixel_values.to(self.model.vision.patch_embed.weight.dtype))
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import inspect
 import json
 import logging
 import re
@@ -35,6 +34,8 @@ from .. import __version__
 from ..generation import GenerationCancelled
 from ..pipelines.chat import ContextTooLong
 from ..pipelines.chat_options import ChatOptions
+from ..pipelines.defaults import sampling_preset
+from ..safety import Refused
 from .access_log import AccessLog
 from .conversation import to_turn
 from .edits import read_edit_form
@@ -42,7 +43,7 @@ from .errors import ApiError, bad_request
 from .images import decode_image
 from .paint_budget import PaintBudget, check_request as check_paint_request
 from .runners import ChatRunner, ChatWork, PaintWork, run_paint
-from .schemas import ChatCompletionRequest, ImageGenerationRequest
+from .schemas import CHAT_SWITCHES, PAINT_SWITCHES, ChatCompletionRequest, ImageGenerationRequest
 from .settings import MAX_STOP_STRINGS, ServeSettings
 from .worker import Job, QueueFull, Worker
 
@@ -57,43 +58,19 @@ PAGE_HEADERS = {
 }
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
 
-# request fields the server itself maps onto these pipeline arguments: never passed through
-CHAT_RESERVED = {"self", "image", "images", "question", "questions", "context", "contexts", "vision_hidden_states",
-                 "options", "should_stop"}
-PAINT_RESERVED = {"self", "prompt", "negative_prompt", "num_images_per_prompt", "guidance_scale",
-                  "num_inference_steps", "height", "width", "scheduler", "preset", "seed", "generator", "latents",
-                  "callback", "image", "mask_image", "strength"}
-
-
-def passthrough_options(method, extras: dict[str, Any] | None, reserved: set[str],
-                        allow_safety_off: bool = False) -> dict[str, Any]:
-    """The extra request fields that name a keyword parameter of ``method`` (a pipeline call), e.g.
-    a per-request safety or ranker switch: passed on as they are.
-
-    Switches only: true, false or null. A number or a string could ask for unbounded work (a
-    candidate count) or make the server load files of the client's choosing (a checker folder).
-    Turning a safety checker off (``*_safety_checker: false``) needs ``allow_safety_off``."""
-    if not extras:
-        return {}
-    try:
-        parameters = inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        return {}
-    named = {name for name, p in parameters.items()
-             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in reserved}
-    options = {}
-    for key, value in extras.items():
-        if key in named:
-            if not (value is None or isinstance(value, bool)):
-                raise bad_request(f"{key} must be true, false or null (a per-request switch)", "invalid_type", key)
-            if key.endswith("safety_checker") and value is False and not allow_safety_off:
-                raise ApiError(403, f"this server does not let requests turn the {key.replace('_', ' ')} off "
-                               "(its operator can allow it with --allow-safety-off)", "safety_off_not_allowed", key)
-            options[key] = value
-    return options
-
-
 # -- request -> pipeline options ------------------------------------------------------------------
+
+
+def switch_options(body: ChatCompletionRequest | ImageGenerationRequest, names: tuple[str, ...],
+                   allow_safety_off: bool) -> dict[str, bool]:
+    """The switches a request sets (``names``, declared in its schema), for the pipeline call.
+    Turning a safety checker off (``*_safety_checker: false``) needs ``allow_safety_off``."""
+    options = {name: getattr(body, name) for name in names if getattr(body, name) is not None}
+    for name, value in options.items():
+        if name.endswith("safety_checker") and value is False and not allow_safety_off:
+            raise ApiError(403, f"this server does not let requests turn the {name.replace('_', ' ')} off "
+                           "(its operator can allow it with --allow-safety-off)", "safety_off_not_allowed", name)
+    return options
 
 
 def stop_strings(body: ChatCompletionRequest) -> tuple[str, ...]:
@@ -176,8 +153,6 @@ def paint_options(body: ImageGenerationRequest, settings: ServeSettings) -> dict
                               "pixels a side", "invalid_size", "size")
         options.update(width=width, height=height)
     if body.preset is not None:
-        from ..pipelines.paint import sampling_preset  # here: importing diffusers is slow, and chat-only servers skip it
-
         try:  # a preset brings its own step count, unless the request names one
             _, steps = sampling_preset(body.preset, None, body.num_inference_steps)
         except ValueError as error:
@@ -206,7 +181,7 @@ def as_api_error(error: BaseException, job: Job | None = None, timeout: float | 
         if job is not None and time.monotonic() > job.deadline:
             return timed_out(timeout)
         return ApiError(499, "the request was cancelled", "cancelled")
-    if any(cls.__name__ in ("Refused", "RefusedPrompt", "RefusedImage") for cls in type(error).__mro__):
+    if isinstance(error, Refused):
         return ApiError(400, str(error), "content_policy_violation")  # a safety checker said no
     if isinstance(error, ContextTooLong):  # worded and coded as OpenAI does
         return ApiError(400, f"this model's maximum context length is {error.budget:,} tokens, but this request needs "
@@ -460,8 +435,7 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
             raise bad_request(f"the conversation and stop strings have {chars:,} characters; this server takes at "
                               f"most {settings.max_text_chars:,}", "prompt_too_long", "messages")
         options = chat_options(body, settings)  # validated now: a bad value is a 400 before any work is queued
-        extras = passthrough_options(chat.stream_chat if body.stream else chat.batch_chat, body.model_extra,
-                                     CHAT_RESERVED, settings.allow_safety_off)
+        extras = switch_options(body, CHAT_SWITCHES, settings.allow_safety_off)
         image = None if turn.image_url is None else await run_in_threadpool(decode_image, turn.image_url, settings)
 
         work = ChatWork(image, turn.question, turn.context, options, extras)
@@ -549,7 +523,7 @@ def create_app(chat=None, paint=None, settings: ServeSettings | None = None) -> 
             raise bad_request(f"the prompt has {chars:,} characters; this server takes at most "
                               f"{settings.max_text_chars:,}", "prompt_too_long", "prompt")
         options = paint_options(body, settings)
-        extras = passthrough_options(paint.paint, body.model_extra, PAINT_RESERVED, settings.allow_safety_off)
+        extras = switch_options(body, PAINT_SWITCHES, settings.allow_safety_off)
         seconds = None if paint_budget is None else \
             check_paint_request(paint_budget, paint, options, extras, settings.request_timeout)
         job = Job(lambda jobs: run_paint(paint, jobs, paint_budget),

@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from .errors import bad_request
 from .images import DecodedImage, decode_image_bytes, decode_mask_bytes
-from .schemas import ImageGenerationRequest
+from .schemas import PAINT_SWITCHES, ImageGenerationRequest
 from .settings import ServeSettings
 
 FILE_FIELDS = ("image", "mask")
@@ -53,10 +53,9 @@ async def read_edit_form(request: Request,
             fields[name] = value
     if "image" not in files:
         raise bad_request("the image to edit is missing: send it as the file field 'image'", "missing_image", "image")
-    declared = ImageEditRequest.model_fields
     try:
         body = ImageEditRequest.model_validate(
-            {k: v if k in declared else _FORM_CONSTANTS.get(str(v).strip().lower(), v) for k, v in fields.items()})
+            {k: _FORM_CONSTANTS.get(str(v).strip().lower(), v) if k in PAINT_SWITCHES else v for k, v in fields.items()})
     except ValidationError as error:
         raise RequestValidationError(error.errors()) from None
     image = await run_in_threadpool(decode_image_bytes, files["image"], settings)

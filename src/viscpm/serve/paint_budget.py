@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..pipelines.defaults import DEFAULT_PRESET, RANKER_CANDIDATES, SAMPLING_PRESETS
 from .errors import bad_request
 
 MAX_SIZE_FACTOR = 2  # the largest side a request may ask, in multiples of the model's own
@@ -105,14 +106,12 @@ def check_request(budget: PaintBudget, paint, options: dict, extras: dict, timeo
     """Refuse (ApiError 400) a size above the model's limit or UNet work that cannot finish within
     ``timeout``; returns the estimated seconds. ``options``/``extras``: what the server passes to
     ``paint.paint``."""
-    from ..pipelines.paint import RANKER_CANDIDATES, SAMPLING_PRESETS  # diffusers: imported with paint only
-
     height, width = options.get("height", budget.native[0]), options.get("width", budget.native[1])
     if max(height, width) > budget.max_side:
         raise bad_request(f"size {width}x{height} is above this model's limit of {budget.max_side} pixels a side "
                           f"({MAX_SIZE_FACTOR}x the {budget.native[1]}x{budget.native[0]} it paints at); ask for "
                           "a smaller size or leave it out", "invalid_size", "size")
-    steps = options.get("num_inference_steps") or SAMPLING_PRESETS[options.get("preset", "official")][1]
+    steps = options.get("num_inference_steps") or SAMPLING_PRESETS[options.get("preset", DEFAULT_PRESET)][1]
     defaults = getattr(paint, "defaults", None)
     guidance = options.get("guidance_scale", getattr(defaults, "guidance_scale", 7.5))
     ranked = extras.get("add_ranker")

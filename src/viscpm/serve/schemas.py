@@ -1,15 +1,15 @@
 """Request schemas: the OpenAI fields we honour, plus VisCPM's own options as extensions.
 
 Fields of OpenAI's API that we do not use (``user``, ``quality``, ``logit_bias``, ...) are accepted
-and ignored, as OpenAI-compatible servers do, so existing clients work unchanged. Extra fields
-whose names are keyword options of the pipeline call (for example a per-request safety switch of
-``VisCPMPaint.paint``) are passed through; see ``app.passthrough_options``.
+and ignored, as OpenAI-compatible servers do, so existing clients work unchanged. The pipelines'
+per-call safety and ranking switches are declared here as fields (true, false or null; see
+``app.switch_options``): a request can switch a checker or the ranker, never name one to load.
 """
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 
 def _utf8(text: str) -> str:
@@ -26,8 +26,21 @@ def _utf8(text: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]
 
 
+def _switch(value):
+    # only JSON true/false/null: a number or a string could ask for unbounded work or make the
+    # server load files of the client's choosing (checkers and rankers are chosen at start-up)
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError("must be true, false or null (a per-request switch)")
+
+
+Switch = Annotated[Union[bool, None], BeforeValidator(_switch)]
+CHAT_SWITCHES = ("image_safety_checker",)
+PAINT_SWITCHES = ("prompt_safety_checker", "image_safety_checker", "add_ranker")
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore")
 
 
 class _Part(BaseModel):
@@ -81,6 +94,7 @@ class ChatCompletionRequest(_Request):
     length_penalty: float | None = None
     # the answer's language: auto (the question's), zh or en; None: the model is free (official)
     language: Literal["auto", "zh", "en"] | None = None
+    image_safety_checker: Switch = None  # the input image's checker; null: the server's own
 
 
 class ImageGenerationRequest(_Request):
@@ -97,3 +111,7 @@ class ImageGenerationRequest(_Request):
     guidance_scale: float | None = Field(None, ge=0, le=100)
     scheduler: str | None = None  # ddpm (official), ddim, euler, dpm++, dpm++-sde
     preset: str | None = None  # official (DDPM, 50 steps) or fast (SDE-DPM-Solver++, 20 steps)
+    # the painter's switches for this request; null: the server's own
+    prompt_safety_checker: Switch = None
+    image_safety_checker: Switch = None
+    add_ranker: Switch = None

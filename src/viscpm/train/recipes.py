@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import VAE_FOLDER, find_vocab, load_vae, load_weights, save_folder
+from ..checkpoints import VAE_FOLDER, find_vocab, load_vae, save_folder
 from ..image_processing import ImageTransform
-from ..models.chat import CHAT_KEY_RULES, CHAT_PRESETS, CHAT_UNUSED_OFFICIAL_KEYS, ChatConfig, ChatModel
-from ..models.cpmbee import CPMBEE_KEY_RULES, CPMBEE_PRESETS, CPMBee, CPMBeeConfig
-from ..models.paint import PAINT_KEY_RULES, PAINT_PRESETS, PaintConfig, PaintModel
+from ..models.chat import ChatConfig, ChatModel
+from ..models.cpmbee import CPMBee, CPMBeeConfig
+from ..models.paint import PaintConfig, PaintModel
+from ..pipelines.loading import CHAT, LM, paint_kind
 from ..prompt import IGNORE_INDEX, BeeInputs, ConvertedPrompt, collate_for_forward, convert_data_to_id
 from ..tokenization import UNK_TOKEN, CPMBeeTokenizer
 from .config import ModelSection, TrainConfig
@@ -60,8 +61,7 @@ def _read_json(path: Path) -> dict:
 def load_lm(section: ModelSection) -> tuple[CPMBee, CPMBeeConfig, Path]:
     """A CPM-Bee from a saved folder (``init``) or fresh from ``config`` + ``vocab``."""
     if section.init is not None:
-        model, config, weights = load_weights(section.init, None, config_from_dict=CPMBeeConfig.from_dict,
-                                              presets=CPMBEE_PRESETS, build=CPMBee, rules=CPMBEE_KEY_RULES)
+        model, config, weights = LM.load(section.init)
         return model.float().requires_grad_(True), config, find_vocab(weights, section.vocab)
     if section.config is None or section.vocab is None:
         raise ValueError("[model] needs init = a saved model, or config = … and vocab = … for a fresh one")
@@ -83,18 +83,16 @@ def _load_llm_into(model: nn.Module, section: ModelSection, llm_config: CPMBeeCo
 def load_chat(section: ModelSection, *, vision_trainable: bool, llm_trainable: bool) -> tuple[ChatModel, ChatConfig, Path]:
     """A chat model from ``init`` (saved folder or official .pt) or fresh from ``config``, with
     the LLM optionally taken from an ``lm`` run (``llm_init``)."""
-    build = partial(ChatModel, vision_trainable=vision_trainable, llm_trainable=llm_trainable)
+    flags = {"vision_trainable": vision_trainable, "llm_trainable": llm_trainable}
     if section.init is not None:
-        model, config, weights = load_weights(section.init, None, config_from_dict=ChatConfig.from_dict,
-                                              presets=CHAT_PRESETS, build=build, rules=CHAT_KEY_RULES,
-                                              unused=CHAT_UNUSED_OFFICIAL_KEYS)
+        model, config, weights = CHAT.load(section.init, **flags)
         vocab = find_vocab(weights, section.vocab)
         model = model.float()
     else:
         if section.config is None:
             raise ValueError("[model] needs init = a saved chat model, or config = a chat config JSON")
         config = ChatConfig.from_dict(_read_json(section.config))
-        model = build(config)
+        model = ChatModel(config, **flags)
         vocab = section.vocab
     llm_vocab = _load_llm_into(model, section, config.llm)
     vocab = section.vocab or llm_vocab or vocab
@@ -338,10 +336,9 @@ def vae(config: TrainConfig) -> Recipe:
 def load_paint(section: ModelSection, *, unet_trainable: bool | str) -> tuple[PaintModel, PaintConfig, Path, nn.Module]:
     """(model, config, vocab, vae) from ``init`` (saved folder / official .pt, VAE beside it or
     ``vae =``) or fresh from ``config`` (+ ``llm_init``, ``vae``, ``vocab``). The LLM stays frozen."""
-    build = partial(PaintModel, llm_trainable=False, bridge_trainable=True, unet_trainable=unet_trainable)
+    flags = {"llm_trainable": False, "bridge_trainable": True, "unet_trainable": unet_trainable}
     if section.init is not None:
-        model, config, weights = load_weights(section.init, None, config_from_dict=PaintConfig.from_dict,
-                                              presets=PAINT_PRESETS, build=build, rules=PAINT_KEY_RULES)
+        model, config, weights = paint_kind().load(section.init, **flags)
         model = model.float()
         vocab = find_vocab(weights, section.vocab)
         vae_path = section.vae or weights.parent / VAE_FOLDER
@@ -349,7 +346,7 @@ def load_paint(section: ModelSection, *, unet_trainable: bool | str) -> tuple[Pa
         if section.config is None or section.vae is None:
             raise ValueError("[model] needs init = a saved paint model, or config = … and vae = … for a fresh one")
         config = PaintConfig.from_dict(_read_json(section.config))
-        model, vocab, vae_path = build(config), section.vocab, section.vae
+        model, vocab, vae_path = PaintModel(config, **flags), section.vocab, section.vae
     llm_vocab = _load_llm_into(model, section, config.llm)
     vocab = section.vocab or llm_vocab or vocab
     if vocab is None:
