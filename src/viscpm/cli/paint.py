@@ -5,7 +5,8 @@ import argparse
 import sys
 from typing import TextIO
 
-from .options import LibraryChoices, add_model_options, add_paint_checker_options, paint_checkers, placement
+from ..pipelines.defaults import DEFAULT_PRESET, RANKER_CANDIDATES, SAMPLING_PRESETS, SCHEDULERS
+from .options import add_model_options, add_paint_checker_options, paint_checkers, placement
 
 PAINT_HELP = """Paint an image from a Chinese or English prompt.
 
@@ -25,12 +26,6 @@ examples / 示例:
   viscpm paint "a cat on a sofa" -o cat.png --scheduler dpm++ --steps 25 --num-images 4
   viscpm paint "一只猫" --preset fast --attention-slicing auto --vae-tiling   # quicker, less memory"""
 
-# Paint's names are the pipeline's own, read when a paint flag needs them: importing the pipeline
-# imports diffusers (seconds), which `viscpm --help` and the other commands must not pay. (Flags with
-# such choices name a metavar: argparse would read the choices to build one.)
-PAINT_PIPELINE = "viscpm.pipelines.paint"
-
-
 def attention_slice(text: str) -> str | int:
     """--attention-slicing: auto, max or a number of heads per slice."""
     if text in ("auto", "max"):
@@ -42,7 +37,7 @@ def attention_slice(text: str) -> str | int:
 
 def add_candidates_option(parser, what: str) -> None:
     parser.add_argument("--candidates", type=int, metavar="K",
-                        help=f"candidates per {what} when ranking (default: the pipeline's, the official 4)")
+                        help=f"candidates per {what} when ranking (default {RANKER_CANDIDATES}, the official count)")
 
 
 def add_parser(commands) -> None:
@@ -55,8 +50,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--vae", help="diffusers AutoencoderKL folder (default: vae/ beside the checkpoint)")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--negative", help="negative prompt")
-    sampling.add_argument("--preset", choices=LibraryChoices(PAINT_PIPELINE, "SAMPLING_PRESETS"), metavar="NAME",
-                          help="sampler and steps, one of %(choices)s (default official: DDPM, 50 steps, as in VisCPM; "
+    sampling.add_argument("--preset", choices=tuple(SAMPLING_PRESETS),
+                          help=f"sampler and steps (default {DEFAULT_PRESET}; official: DDPM, 50 steps, as in VisCPM; "
                                "fast: SDE-DPM-Solver++, 20 steps, 2.5x quicker, same ShapesWorld adherence); "
                                "--scheduler/--steps override it")
     sampling.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
@@ -69,8 +64,8 @@ def add_parser(commands) -> None:
     sampling.add_argument("--width", type=int, help="image width (overrides --size)")
     sampling.add_argument("--num-images", type=int, default=1)
     sampling.add_argument("--seed", type=int, help="random seed (default: a fresh one, stored in the PNG)")
-    sampling.add_argument("--scheduler", choices=LibraryChoices(PAINT_PIPELINE, "SCHEDULERS"), metavar="NAME",
-                          help="sampler, one of %(choices)s (default: the preset's; ddpm is the official one)")
+    sampling.add_argument("--scheduler", choices=tuple(SCHEDULERS),
+                          help="sampler (default: the preset's; ddpm is the official one)")
     edit = parser.add_argument_group("editing an image / 改图")
     edit.add_argument("--image", help="start from this image (image-to-image; resized to the painting's size)")
     edit.add_argument("--mask", help="repaint only where this mask is white (inpainting; same size as --image)")
