@@ -15,7 +15,7 @@ from viscpm.checkpoints import CheckpointError
 from viscpm.pipelines.chat import VisCPMChat
 from viscpm.pipelines.paint import candidate_seed
 from viscpm.rerank import QUESTIONS, ChatSelfRanker, ChineseCLIPRanker, load_ranker
-from viscpm.rerank.evaluate import evaluate_reranking
+from viscpm.shapes.evaluate import evaluate_reranking
 
 from .test_chat_model import official_tiny_state as chat_state
 from .test_paint_pipeline import open_tiny

@@ -647,7 +647,7 @@ def run_eval_rerank(args: argparse.Namespace) -> int:
     from .pipelines.chat import VisCPMChat
     from .pipelines.paint import VisCPMPaint
     from .rerank import ChatSelfRanker, ChineseCLIPRanker
-    from .rerank.evaluate import evaluate_reranking
+    from .shapes.evaluate import evaluate_reranking
     from .shapes.corpus import build_corpora
 
     painter = VisCPMPaint(args.paint, image_safety_checker=False, prompt_safety_checker=False, add_ranker=False,

@@ -54,8 +54,9 @@ from tqdm.auto import tqdm
 from ..checkpoints import (
     GENERATION_CONFIG_NAME, VAE_FOLDER, CheckpointError, find_vocab, load_vae, load_weights, save_folder,
 )
+from ..models.cpmbee import CPMBeeInputs
 from ..models.paint import PAINT_KEY_RULES, PAINT_PRESETS, PaintConfig, PaintModel
-from ..prompt import BeeInputs, collate_for_forward, convert_data_to_id
+from ..prompt import collate_for_forward, convert_data_to_id
 from ..placement import dispatch, place
 from ..quantization import refuse_quantized
 from ..rerank import Ranker, load_ranker
@@ -247,8 +248,9 @@ class PaintedImage:
         self.image.save(path, pnginfo=info if str(path).lower().endswith(".png") else None)
 
 
-def _packaged_chat() -> VisCPMChat:
-    return VisCPMChat(None, image_safety_checker=False)
+def _ranking_chat(model_path: str | os.PathLike | None = None) -> VisCPMChat:
+    """A chat model to self-rerank with, the packaged one by default (candidates pass Paint's checker)."""
+    return VisCPMChat(model_path, image_safety_checker=False)
 
 
 def _is_packaged_paint(model_path: str | os.PathLike | None) -> bool:
@@ -310,10 +312,10 @@ class VisCPMPaint:
     ):
         # resolved first, so a wrong switch fails before gigabytes are read
         packaged = _is_packaged_paint(model_path)
-        packaged_chat = _packaged_chat if packaged and has_default_model("chat") else None
+        packaged_chat = _ranking_chat if packaged and has_default_model("chat") else None
         self.prompt_safety_checker: PromptChecker | None = load_prompt_checker(prompt_safety_checker)
         self.image_safety_checker: ImageChecker | None = load_image_checker(image_safety_checker)
-        self.ranker: Ranker | None = load_ranker(add_ranker, chat=packaged_chat)
+        self.ranker: Ranker | None = load_ranker(add_ranker, chat=packaged_chat, open_chat=_ranking_chat)
         self._default_chat = packaged_chat
         self._bundled: dict[str, object] = {}  # defaults loaded for a call that turned a switch on
         if packaged:
@@ -375,7 +377,7 @@ class VisCPMPaint:
                              "shorten it")
         return converted
 
-    def prompt_inputs(self, prompt: str, negative_prompt: str | None = None, guidance: bool = True) -> BeeInputs:
+    def prompt_inputs(self, prompt: str, negative_prompt: str | None = None, guidance: bool = True) -> CPMBeeInputs:
         """The padded CPM-Bee batch ``[negative; prompt]`` (``[prompt]`` without guidance). Both rows
         are padded to the longer one, as officially: the padding rows reach the UNet."""
         rows = [self._tokens(prompt, "prompt")]
