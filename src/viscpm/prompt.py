@@ -202,7 +202,7 @@ def convert_data_to_id(
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Model inputs
+# 2. Model inputs: batches of models.cpmbee.CPMBeeInputs (the model reads them, this module fills them)
 # ----------------------------------------------------------------------------------------------
 def _stack_image_bounds(bounds: Sequence[np.ndarray]) -> np.ndarray:
     """Stack per-prompt ``(n_img, 2)`` bounds; prompts with fewer images get empty ``[0, 0)`` rows."""

@@ -373,7 +373,7 @@ class CPMBeeInputs:
     span: torch.Tensor | None = None  # (B, L) training-time packing; None = one span per row
     length: torch.Tensor | None = None  # (B,) tokens of each prompt, padding excluded
     image_bound: torch.Tensor | None = None  # (B, n_img, 2)
-    target: torch.Tensor | None = None  # (B, L), IGNORE_INDEX where nothing is predicted
+    target: torch.Tensor | None = None  # (B, L) next-token labels, prompt.IGNORE_INDEX where none
 
     def to(self, device: torch.device | str) -> CPMBeeInputs:
         """A copy with every tensor on ``device``."""
