@@ -81,10 +81,7 @@ class LLMCallTimer:
 def prompt_logits(chat: VisCPMChat, image: Image.Image) -> torch.Tensor:
     """Logits at every prompt position (one full forward with the image), as fp32."""
     prompt, embeds, _ = chat._prepare([image], [QUESTION], [""], [None], image_safety_checker=False)
-    fields = ("input_ids", "input_id_subs", "position", "context", "sample_ids", "num_segments", "segment_ids",
-              "segment_rel_offset", "segment_rel", "ext_table_ids", "ext_table_sub")
-    inputs = {name: getattr(prompt.inputs, name) for name in fields}
-    return chat.model.llm(**inputs, inputs_embeds=embeds).logits[0].float()
+    return chat.model.llm(prompt.inputs, inputs_embeds=embeds).logits[0].float()
 
 
 def weight_bytes(module: torch.nn.Module) -> int:

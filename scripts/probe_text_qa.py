@@ -28,7 +28,7 @@ from viscpm.shapes.world import sample_scene
 from viscpm.tokenization import CPMBeeTokenizer
 from viscpm.train.config import ModelSection
 from viscpm.train.data import Record
-from viscpm.train.recipes import PromptExamples, _escape_leaves, _llm_arrays, collate_prompts, load_lm
+from viscpm.train.recipes import PromptExamples, _escape_leaves, collate_prompts, load_lm
 
 # Chinese existence answers say yes with 有 ("有的。" "有一个。")
 YES_NO_FIRST_TOKENS = {"en": (("Yes",), ("No",)), "zh": (("是", "对", "是的", "有"), ("不", "不是", "没", "没有"))}
@@ -48,7 +48,7 @@ def answer_logits(model, tokenizer: CPMBeeTokenizer, context: str, question: str
     data = _escape_leaves({"context": context, "question": question, "<ans>": answer}, tokenizer.escape)
     inputs = collate_prompts(tokenizer, [PromptExamples([(Record(data, None), data)], tokenizer, 512)[0]]).inputs
     with torch.no_grad():
-        logits = model(inputs.input_ids, inputs.input_id_subs, **_llm_arrays(inputs, "cpu")).logits[0]
+        logits = model(inputs).logits[0]
     answer_positions = (inputs.target[0] != -100).nonzero().flatten()
     return logits[answer_positions], inputs.target[0][answer_positions]
 

@@ -31,9 +31,9 @@ class BigramLLM(nn.Module):
                 pass
         return NoCache()
 
-    def forward(self, input_ids, *args, ext_table_ids=None, compute_logits=True, **kwargs):
-        logits = self.table[input_ids.clamp(max=VOCAB - 1)]
-        extra = torch.zeros(*logits.shape[:-1], ext_table_ids.numel())
+    def forward(self, inputs, *, compute_logits=True, **kwargs):
+        logits = self.table[inputs.input_ids.clamp(max=VOCAB - 1)]
+        extra = torch.zeros(*logits.shape[:-1], inputs.ext_table_ids.numel())
         return CPMBeeOutput(torch.cat([logits, extra], -1) if compute_logits else None, None)
 
 

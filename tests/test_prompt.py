@@ -14,8 +14,8 @@ import torch
 from .conftest import load_json
 from safetensors.torch import load_file
 
+from viscpm.models.cpmbee import CPMBeeInputs
 from viscpm.prompt import (
-    BeeInputs,
     ConvertedPrompt,
     collate_for_forward,
     convert_data_to_id,
@@ -34,7 +34,7 @@ CONVERT_CASES = ("chat_en_q8", "chat_en_q64", "chat_multiturn_q8", "chat_zh_q8",
 FORWARD_CASES = ("paint_en", "paint_zh", "chat_multiturn_q8")
 INFERENCE_CASES = ("chat_en_q8", "chat_zh_multiturn_q8", "chat_unk_ext_q8")
 
-# golden key -> BeeInputs field
+# golden key -> CPMBeeInputs field
 _FORWARD_NAMES = {"input": "input_ids", "input_sub": "input_id_subs", "segment": "segment_ids"}
 _PROCESS_LIST_NAMES = {"input_pos": "position", "sample_idx": "sample_ids",
                        "batch_ext_table_ids": "ext_table_ids", "batch_ext_table_sub": "ext_table_sub"}
@@ -70,7 +70,7 @@ def _assert_equal(ours: torch.Tensor, golden: torch.Tensor, name: str) -> None:
     assert torch.equal(ours, golden.to(ours.dtype)), f"{name}: {ours.tolist()} != {golden.tolist()}"
 
 
-def _assert_dtypes(inputs: BeeInputs) -> None:
+def _assert_dtypes(inputs: CPMBeeInputs) -> None:
     for name, value in vars(inputs).items():
         if value is not None:
             expected = torch.bool if name == "context" else torch.long

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from viscpm.models.cpmbee import ScaledLinear
+from viscpm.models.cpmbee import CPMBeeInputs, ScaledLinear
 from viscpm import quantization
 from viscpm.quantization import (
     INT8_KERNEL_MAX_ROWS, Int4Linear, Int8Embedding, Int8Linear, quantize_linear, quantize_module, quantized_bytes,
@@ -157,13 +157,13 @@ def test_int8_cpmbee_logits_stay_close_to_fp32(golden_llm):
     closest top-2 gap here is 0.026). bf16 weights alone give ~1.6 %; we measured 2.5 % (fp32
     GEMM over widened int8 blocks; 2.7 % when activations were rounded to bf16 first)."""
     inputs = forward_inputs()
-    reference = golden_llm(**inputs).logits
+    reference = golden_llm(CPMBeeInputs(**inputs)).logits
     quantized = quantize_module(copy.deepcopy(golden_llm), "int8")
     assert isinstance(quantized.embed, Int8Embedding)
     # a quarter of fp32, plus FBGEMM's packed copy of the vocabulary (one byte per weight) for decoding
     assert quantized.embed.packed_bytes in (0, quantized.embed.weight.numel())
     assert quantized_bytes(quantized) - quantized.embed.packed_bytes < 0.3 * quantized_bytes(golden_llm)
-    logits = quantized(**inputs).logits
+    logits = quantized(CPMBeeInputs(**inputs)).logits
     assert (logits - reference).norm() / reference.norm() < 0.05
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
 
@@ -175,11 +175,11 @@ def test_int8_cache_decoding_equals_int8_full_forward(golden_llm):
     relative L2 per step under 2 % (bf16 activations alone: ~1 %)."""
     inputs = forward_inputs(length=24, batch=1)
     quantized = quantize_module(copy.deepcopy(golden_llm), "int8")
-    full = quantized(**inputs).logits
+    full = quantized(CPMBeeInputs(**inputs)).logits
     shared = {k: inputs[k] for k in ("segment_rel", "ext_table_ids", "ext_table_sub")}
     per_token = {k: v for k, v in inputs.items() if k not in shared}
     cache = quantized.new_cache(1, 8)
-    quantized(**{k: v[:, :18] for k, v in per_token.items()}, **shared, cache=cache)
+    quantized(CPMBeeInputs(**{k: v[:, :18] for k, v in per_token.items()}, **shared), cache=cache)
     for t in range(18, 24):
-        step = quantized(**{k: v[:, t : t + 1] for k, v in per_token.items()}, **shared, cache=cache).logits
+        step = quantized(CPMBeeInputs(**{k: v[:, t : t + 1] for k, v in per_token.items()}, **shared), cache=cache).logits
         assert (step[:, 0] - full[:, t]).norm() / full[:, t].norm() < 0.02

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .models.cpmbee import CPMBee
+from .models.cpmbee import CPMBee, CPMBeeInputs
 from .prompt import GenerationPrompt
 
 # Called on every step's logits in place, before the repetition penalty:
@@ -143,23 +143,7 @@ class _Decoder:
         """Run the prompt through the model; like the official code, its logits are not used.
 
         Each sample's prompt runs once; its cache rows are then copied to the sample's beams."""
-        inputs = self.prompt.inputs
-        self.llm(
-            input_ids=inputs.input_ids,
-            input_id_subs=inputs.input_id_subs,
-            position=inputs.position,
-            context=inputs.context,
-            sample_ids=inputs.sample_ids,
-            num_segments=inputs.num_segments,
-            segment_ids=inputs.segment_ids,
-            segment_rel_offset=inputs.segment_rel_offset,
-            segment_rel=inputs.segment_rel,
-            ext_table_ids=inputs.ext_table_ids,
-            ext_table_sub=inputs.ext_table_sub,
-            inputs_embeds=inputs_embeds,
-            cache=self.cache,
-            compute_logits=False,
-        )
+        self.llm(self.prompt.inputs, inputs_embeds=inputs_embeds, cache=self.cache, compute_logits=False)
         if self.rows_per_sample > 1:  # greedy and sampling keep one row per sample: nothing to copy
             self.cache.reorder(self.sample_of_row.to(self.banned.device))
 
@@ -169,7 +153,7 @@ class _Decoder:
         column = lambda name: torch.tensor([getattr(s, name) for s in slots], device=device)[:, None]
         ones = torch.ones(len(slots), 1, dtype=torch.long, device=device)
         inputs = self.prompt.inputs
-        out = self.llm(
+        new_tokens = CPMBeeInputs(  # one per row
             input_ids=column("token"),
             input_id_subs=column("sub"),
             position=column("position"),
@@ -181,8 +165,8 @@ class _Decoder:
             segment_rel=self.segment_rel,
             ext_table_ids=inputs.ext_table_ids,
             ext_table_sub=inputs.ext_table_sub,
-            cache=self.cache,
         )
+        out = self.llm(new_tokens, cache=self.cache)
         logits = out.logits[:, -1].float()
         return logits.masked_fill(self.banned, BANNED_LOGIT)
 

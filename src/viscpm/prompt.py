@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Union
 
 import numpy as np
 import torch
 
+from viscpm.models.cpmbee import CPMBeeInputs
 from viscpm.tokenization import ANS_TOKEN, UNK_TOKEN, CPMBeeTokenizer
 
 PromptValue = Union[str, Mapping[str, "PromptValue"]]
@@ -201,41 +202,8 @@ def convert_data_to_id(
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Model inputs
+# 2. Model inputs: batches of models.cpmbee.CPMBeeInputs (the model reads them, this module fills them)
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class BeeInputs:
-    """A batch of CPM-Bee inputs; field names are the model's keyword arguments. All int64/bool.
-
-    ``segment_rel`` rows are per-sample flattened bucket matrices (zero-padded);
-    ``segment_rel_offset`` points a token at its sample's block. ``ext_table_ids``/``_sub`` list
-    the ``(id, sub)`` pairs that get extra output columns ``vocab_size + k``. ``image_bound`` gives
-    ``[begin, end)`` of each image's placeholder run, in padded coordinates; a prompt with fewer
-    images than others in the batch (e.g. a text-only turn) has empty ``[0, 0)`` rows.
-    """
-
-    input_ids: torch.Tensor  # [B, L]
-    input_id_subs: torch.Tensor  # [B, L]
-    position: torch.Tensor  # [B, L]
-    context: torch.Tensor  # [B, L] bool
-    sample_ids: torch.Tensor  # [B, L]
-    num_segments: torch.Tensor  # [B, L], 0 on padding
-    segment_ids: torch.Tensor  # [B, L]
-    segment_rel_offset: torch.Tensor  # [B, L]
-    segment_rel: torch.Tensor  # [B, R]
-    span: torch.Tensor  # [B, L]
-    length: torch.Tensor  # [B]
-    ext_table_ids: torch.Tensor  # [E]
-    ext_table_sub: torch.Tensor  # [E]
-    image_bound: torch.Tensor  # [B, n_img, 2]
-    target: torch.Tensor | None = None  # [B, L], IGNORE_INDEX where nothing is predicted
-
-    def to(self, device: torch.device | str) -> BeeInputs:
-        """A copy with every tensor on ``device``."""
-        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{name: t.to(device) for name, t in tensors.items() if t is not None})
-
-
 def _stack_image_bounds(bounds: Sequence[np.ndarray]) -> np.ndarray:
     """Stack per-prompt ``(n_img, 2)`` bounds; prompts with fewer images get empty ``[0, 0)`` rows."""
     out = np.zeros((len(bounds), max(len(b) for b in bounds), 2), dtype=np.int64)
@@ -246,7 +214,7 @@ def _stack_image_bounds(bounds: Sequence[np.ndarray]) -> np.ndarray:
 
 def collate_for_forward(
     prompts: Sequence[ConvertedPrompt], tokenizer: CPMBeeTokenizer, max_len: int | None = None
-) -> BeeInputs:
+) -> CPMBeeInputs:
     """Right-pad converted prompts into one batch for the full forward pass (Paint, training).
 
     ``max_len`` defaults to the longest prompt. Every ``(id, sub > 0)`` pair gets a batch ext
@@ -296,7 +264,7 @@ def collate_for_forward(
             target[b, n - 1] = tokenizer.eos_id
 
     ext_pairs = list(ext_columns) or [(0, 1)]
-    return BeeInputs(
+    return CPMBeeInputs(
         input_ids=torch.from_numpy(ids),
         input_id_subs=torch.from_numpy(subs),
         position=torch.arange(max_len, dtype=torch.long).expand(batch, max_len).clone(),
@@ -331,7 +299,7 @@ class GenerationPrompt:
       id itself, e.g. ``{1: "😀"}``; later ones from their batch ext column ``vocab_size + k``.
     """
 
-    inputs: BeeInputs
+    inputs: CPMBeeInputs
     predict_segments: list[list[tuple[int, int]]]
     answer_placeholders: list[list[list[str]]]
     rev_ext_tables: list[dict[int, str]]
@@ -468,7 +436,7 @@ def pack_for_generation(
     )
 
 
-def _left_pad(samples: Sequence[_PackedSample], ext_columns: Mapping[tuple[int, int], int]) -> BeeInputs:
+def _left_pad(samples: Sequence[_PackedSample], ext_columns: Mapping[tuple[int, int], int]) -> CPMBeeInputs:
     batch = len(samples)
     width = max(len(s.ids) for s in samples)
     rel_len = max(len(s.segment_rel) for s in samples)
@@ -494,7 +462,7 @@ def _left_pad(samples: Sequence[_PackedSample], ext_columns: Mapping[tuple[int, 
         # batch; per-sample bounds shifted by the padding are what batches need.
         bounds.append(s.image_bound + pad)
 
-    return BeeInputs(
+    return CPMBeeInputs(
         input_ids=torch.from_numpy(ids),
         input_id_subs=torch.from_numpy(subs),
         position=torch.from_numpy(position),

@@ -12,6 +12,7 @@ from viscpm.checkpoints import CheckpointError, load_weights, rename_to_official
 from viscpm.models.chat import (
     CHAT_KEY_RULES, CHAT_PRESETS, CHAT_UNUSED_OFFICIAL_KEYS, ChatConfig, ChatModel,
 )
+from viscpm.models.cpmbee import CPMBeeInputs
 
 from .chat_fixtures import load_tiny, official_tiny_state
 
@@ -40,28 +41,28 @@ def test_vision_states_and_injection_match_golden(model, golden):
     with torch.no_grad():
         states = model.encode_images(golden["pixel_values"])
         torch.testing.assert_close(states, golden["vision_hidden_states"], rtol=1e-4, atol=1e-5)
-        embeds = model.embed(inp["input_ids"].long(), inp["input_id_subs"].long(), inp["image_bound"].long(), states)
-        torch.testing.assert_close(embeds, golden["prefill.vllm_embedding"], rtol=1e-4, atol=1e-5)
-        out = model.llm(
+        prefill = CPMBeeInputs(
             input_ids=inp["input_ids"].long(), input_id_subs=inp["input_id_subs"].long(),
             position=inp["input_pos"].long(), context=inp["context"].bool(), sample_ids=inp["sample_idx"].long(),
             num_segments=inp["num_segments"].long(), segment_ids=inp["segment_ids"].long(),
             segment_rel_offset=inp["segment_rel_offset"].long(), segment_rel=inp["segment_rel"].long(),
             ext_table_ids=inp["batch_ext_table_ids"].long(), ext_table_sub=inp["batch_ext_table_sub"].long(),
-            inputs_embeds=embeds, cache=(cache := model.llm.new_cache(1, 64)),
+            image_bound=inp["image_bound"].long(),
         )
+        embeds = model.embed(prefill, states)
+        torch.testing.assert_close(embeds, golden["prefill.vllm_embedding"], rtol=1e-4, atol=1e-5)
+        out = model.llm(prefill, inputs_embeds=embeds, cache=(cache := model.llm.new_cache(1, 64)))
         torch.testing.assert_close(out.hidden_states, golden["prefill.hidden_states"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out.logits[:, -1], golden["prefill.logits_last"], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(out.logits.logsumexp(-1), golden["prefill.logits_logsumexp"], rtol=1e-4, atol=1e-4)
         assert torch.equal(out.logits.argmax(-1), golden["prefill.logits_argmax"])
         one = lambda v: torch.tensor([[v]])
-        step = model.llm(
+        step = model.llm(CPMBeeInputs(
             input_ids=one(6), input_id_subs=one(0), position=one(0), context=one(True), sample_ids=one(0),
             num_segments=inp["num_segments"][:, -1:].long(), segment_ids=one(8),
             segment_rel_offset=inp["segment_rel_offset"][:, -1:].long(), segment_rel=inp["segment_rel"].long(),
             ext_table_ids=inp["batch_ext_table_ids"].long(), ext_table_sub=inp["batch_ext_table_sub"].long(),
-            cache=cache,
-        )
+        ), cache=cache)
         torch.testing.assert_close(step.logits, golden["decode_bos.logits"], rtol=1e-4, atol=1e-4)
 
 
@@ -69,14 +70,14 @@ def test_training_forward_matches_golden(model, golden):
     inp = {k[len("vlu_forward.in."):]: v for k, v in golden.items() if k.startswith("vlu_forward.in.")}
     length = inp["input_ids"].size(1)
     with torch.no_grad():
-        out = model(
+        out = model(CPMBeeInputs(
             input_ids=inp["input_ids"].long(), input_id_subs=inp["input_id_subs"].long(),
-            image_bound=inp["image_bound"].long(), pixel_values=golden["pixel_values"],
+            image_bound=inp["image_bound"].long(),
             position=torch.arange(length)[None], context=inp["context"], sample_ids=inp["sample_ids"].long(),
             num_segments=inp["num_segments"].long(), segment_ids=inp["segment_ids"].long(),
             segment_rel_offset=inp["segment_rel_offset"].long(), segment_rel=inp["segment_rel"].long(),
             ext_table_ids=inp["ext_table_ids"], ext_table_sub=inp["ext_table_sub"], span=inp["span"].long(),
-        )
+        ), pixel_values=golden["pixel_values"])
     torch.testing.assert_close(out.hidden_states, golden["vlu_forward.hidden_states"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.logits[:, -1], golden["vlu_forward.logits_last"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.logits[..., VOCAB:], golden["vlu_forward.logits_ext_columns"], rtol=1e-4, atol=1e-4)

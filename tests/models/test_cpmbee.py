@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from viscpm.models.cpmbee import CPMBEE_KEY_RULES, CPMBee, CPMBeeConfig, SegmentPositionBias
+from viscpm.models.cpmbee import CPMBEE_KEY_RULES, CPMBee, CPMBeeConfig, CPMBeeInputs, SegmentPositionBias
 from viscpm.models.keymap import official_to_ours, ours_to_official
 
 from .cpmbee_fixtures import golden_tiny_cpmbee
@@ -65,7 +65,7 @@ def test_full_forward_matches_golden(model, golden, meta, case):
     with torch.no_grad():
         embeds = model.embed_tokens(inp["input"].long(), inp["input_sub"].long())
         torch.testing.assert_close(embeds, golden[f"{prefix}.input_embedding"], rtol=1e-5, atol=1e-6)
-        out = model(
+        out = model(CPMBeeInputs(
             input_ids=inp["input"].long(),
             input_id_subs=inp["input_sub"].long(),
             position=torch.arange(length)[None],
@@ -77,9 +77,8 @@ def test_full_forward_matches_golden(model, golden, meta, case):
             segment_rel=inp["segment_rel"].long(),
             ext_table_ids=inp["ext_table_ids"],
             ext_table_sub=inp["ext_table_sub"],
-            inputs_embeds=embeds,
             span=inp["span"].long(),
-        )
+        ), inputs_embeds=embeds)
     torch.testing.assert_close(out.hidden_states, golden[f"{prefix}.hidden_states"], rtol=1e-4, atol=1e-5)
     assert_logits_match(out.logits, golden, prefix, meta["forward"][case]["full_positions"])
 
@@ -89,7 +88,7 @@ def test_prefill_and_incremental_decode_match_golden(model, golden, case):
     def step_inputs(name):
         prefix = f"inference.{case}.{name}.in."
         inp = {k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}
-        return dict(
+        return CPMBeeInputs(
             input_ids=inp["input"].long(),
             input_id_subs=inp["input_sub"].long(),
             position=inp["position"].long(),
@@ -104,10 +103,10 @@ def test_prefill_and_incremental_decode_match_golden(model, golden, case):
         )
 
     prefill = step_inputs("step0_prefill")
-    length = prefill["input_ids"].size(1)
+    length = prefill.input_ids.size(1)
     cache = model.new_cache(batch_size=1, capacity=4)  # small on purpose: exercises growth
     with torch.no_grad():
-        out = model(**prefill, cache=cache)
+        out = model(prefill, cache=cache)
     prefix = f"inference.{case}.step0_prefill"
     torch.testing.assert_close(out.hidden_states, golden[f"{prefix}.hidden_states"], rtol=1e-4, atol=1e-5)
     assert_logits_match(out.logits, golden, prefix, [length - 1])
@@ -118,7 +117,7 @@ def test_prefill_and_incremental_decode_match_golden(model, golden, case):
     for step in (1, 2, 3):
         prefix = f"inference.{case}.step{step}_decode"
         with torch.no_grad():
-            out = model(**step_inputs(f"step{step}_decode"), cache=cache)
+            out = model(step_inputs(f"step{step}_decode"), cache=cache)
         torch.testing.assert_close(out.hidden_states, golden[f"{prefix}.hidden_states"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out.logits, golden[f"{prefix}.logits"], rtol=1e-4, atol=1e-4)
     assert cache.length == length + 3
@@ -143,14 +142,13 @@ def test_cache_decoding_equals_full_forward(model):
     # causal structure: the to-be-predicted tokens (context False) see earlier ones only
     common["context"][:, 5:] = False
     with torch.no_grad():
-        full = model(ids, segment_rel=segment_rel, ext_table_ids=no_ext, ext_table_sub=no_ext, **common)
+        shared = dict(segment_rel=segment_rel, ext_table_ids=no_ext, ext_table_sub=no_ext)
+        full = model(CPMBeeInputs(ids, **common, **shared))
         cache = model.new_cache(2, 16)
-        model(ids[:, :5], segment_rel=segment_rel, ext_table_ids=no_ext, ext_table_sub=no_ext,
-              cache=cache, **{k: v[:, :5] for k, v in common.items()})
+        model(CPMBeeInputs(ids[:, :5], **{k: v[:, :5] for k, v in common.items()}, **shared), cache=cache)
         for t in range(5, length):
             step = {k: v[:, t : t + 1] for k, v in common.items()}
-            out = model(ids[:, t : t + 1], segment_rel=segment_rel, ext_table_ids=no_ext, ext_table_sub=no_ext,
-                        cache=cache, **step)
+            out = model(CPMBeeInputs(ids[:, t : t + 1], **step, **shared), cache=cache)
             torch.testing.assert_close(out.logits[:, 0], full.logits[:, t], rtol=1e-4, atol=1e-4)
 
 

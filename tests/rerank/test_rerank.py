@@ -15,7 +15,7 @@ from viscpm.checkpoints import CheckpointError
 from viscpm.pipelines.chat import VisCPMChat
 from viscpm.pipelines.paint import candidate_seed
 from viscpm.rerank import QUESTIONS, ChatSelfRanker, ChineseCLIPRanker, load_ranker
-from viscpm.rerank.evaluate import evaluate_reranking
+from viscpm.shapes.evaluate import evaluate_reranking
 
 from ..checkpoint_fixtures import open_tiny
 from ..models.chat_fixtures import official_tiny_state as chat_state
@@ -141,8 +141,25 @@ def test_ranker_switch_values(chat, caplog):
     assert load_ranker(mine) is mine
     with pytest.raises(TypeError, match="add_ranker must be"):
         load_ranker(3)
+    with pytest.raises(CheckpointError, match="not a Chinese-CLIP folder"):
+        load_ranker("no/such/model")  # not Chinese-CLIP, and nothing given to open a chat model with
+    assert load_ranker("my/chat", open_chat={"my/chat": chat}.get).chat is chat  # a chat folder: opened by the caller
     with pytest.raises(CheckpointError):
-        load_ranker("no/such/model")  # not Chinese-CLIP: read as a chat model, which is not there
+        load_ranker("no/such/model", open_chat=VisCPMChat)  # read as a chat model, which is not there
+
+
+def test_any_model_with_answer_logprob_self_ranks():
+    """rerank/ imports no pipeline: a chat model is whatever scores answers, asked per prompt language."""
+    asked = []
+
+    class Scorer:
+        def answer_logprob(self, images, question, answer, *, image_safety_checker=None):
+            asked.append((len(images), question, answer, image_safety_checker))
+            return [float(i) for i in range(len(images))]
+
+    ranker = load_ranker(Scorer())
+    assert isinstance(ranker, ChatSelfRanker) and ChatSelfRanker(Scorer(), batch_size=2)("红猫", images(3)) == [0, 1, 0]
+    assert asked == [(2, QUESTIONS["zh"], "红猫", False), (1, QUESTIONS["zh"], "红猫", False)]
 
 
 # -- adherence measurement -----------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from viscpm.checkpoints import load_weights
-from viscpm.models.cpmbee import CPMBEE_KEY_RULES, CPMBEE_PRESETS, CPMBee, CPMBeeConfig
+from viscpm.models.cpmbee import CPMBEE_KEY_RULES, CPMBEE_PRESETS, CPMBee, CPMBeeConfig, CPMBeeInputs
 from viscpm.pipelines.chat import VisCPMChat
 from viscpm.train.config import TrainConfig
 from viscpm.train.engine import parameter_groups, parameter_report, train
@@ -99,8 +99,8 @@ def test_lora_merge_equals_adapter_output():
                   segment_rel_offset=torch.zeros_like(ids), segment_rel=torch.zeros(1, 1, dtype=torch.long),
                   ext_table_ids=torch.zeros(0, dtype=torch.long), ext_table_sub=torch.zeros(0, dtype=torch.long))
     with torch.no_grad():
-        adapted = model(ids, **arrays).logits
-        merged = merge_lora(model)(ids, **arrays).logits
+        adapted = model(CPMBeeInputs(ids, **arrays)).logits
+        merged = merge_lora(model)(CPMBeeInputs(ids, **arrays)).logits
     assert not any("lora" in k for k in model.state_dict())
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
 

@@ -86,7 +86,7 @@ def run_eval_rerank(args: argparse.Namespace) -> int:
     from ..pipelines.chat import VisCPMChat
     from ..pipelines.paint import RANKER_CANDIDATES, VisCPMPaint
     from ..rerank import ChatSelfRanker, ChineseCLIPRanker
-    from ..rerank.evaluate import evaluate_reranking
+    from ..shapes.evaluate import evaluate_reranking
 
     painter = VisCPMPaint(args.paint, image_safety_checker=False, prompt_safety_checker=False, add_ranker=False,
                           progress_bar=False)

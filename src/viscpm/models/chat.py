@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .beit3 import BEIT3_KEY_RULES, BEIT3_PRESETS, UNUSED_OFFICIAL_KEYS, BEiT3Config, BEiT3VisionEncoder
-from .cpmbee import CPMBEE_KEY_RULES, CPMBEE_PRESETS, CPMBee, CPMBeeConfig, CPMBeeOutput
+from .cpmbee import CPMBEE_KEY_RULES, CPMBEE_PRESETS, CPMBee, CPMBeeConfig, CPMBeeInputs, CPMBeeOutput
 from .keymap import KeyRules, prefixed
 
 
@@ -79,23 +79,17 @@ class ChatModel(nn.Module):
         query_states = self.vision(pixel_values, self.queries)  # (B, Q, d_vision)
         return self.mapping(query_states).to(self.llm.dtype)
 
-    def embed(
-        self,
-        input_ids: torch.Tensor,
-        input_id_subs: torch.Tensor,
-        image_bound: torch.Tensor | None = None,
-        vision_hidden_states: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Token embeddings with the image placeholders replaced by vision states.
+    def embed(self, inputs: CPMBeeInputs, vision_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, L, d) with the image placeholders replaced by vision states.
 
-        ``image_bound`` (B, 1, 2) holds [begin, end) of each row's placeholders; a row whose bound
-        is empty (a text-only prompt) keeps its token embeddings. ``vision_hidden_states``
+        ``inputs.image_bound`` (B, 1, 2) holds [begin, end) of each row's placeholders; a row whose
+        bound is empty (a text-only prompt) keeps its token embeddings. ``vision_hidden_states``
         (B', Q, d) has one entry per row *with* an image, in row order.
         """
-        embeds = self.llm.embed_tokens(input_ids, input_id_subs)  # (B, L, d)
+        embeds = self.llm.embed_tokens(inputs.input_ids, inputs.input_id_subs)  # (B, L, d)
         if vision_hidden_states is None:
             return embeds
-        bound = image_bound[:, 0]  # (B, 2)
+        bound = inputs.image_bound[:, 0]  # (B, 2)
         rows = (bound[:, 1] > bound[:, 0]).nonzero().view(-1)  # (B',)
         query_num = vision_hidden_states.size(1)
         if len(rows) != vision_hidden_states.size(0):
@@ -109,17 +103,12 @@ class ChatModel(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        input_id_subs: torch.Tensor,
-        image_bound: torch.Tensor,
+        inputs: CPMBeeInputs,
         pixel_values: torch.Tensor | None = None,
         vision_hidden_states: torch.Tensor | None = None,
-        **llm_inputs: torch.Tensor,
     ) -> CPMBeeOutput:
         """Training-style full pass: images (or precomputed states) in, logits over the prompt out.
-        ``pixel_values`` has one image per row with image placeholders (text-only rows have none);
-        ``llm_inputs`` are the remaining CPM-Bee arrays (position, context, segments, ext table)."""
+        ``pixel_values`` has one image per row with image placeholders (text-only rows have none)."""
         if vision_hidden_states is None and pixel_values is not None:
             vision_hidden_states = self.encode_images(pixel_values)
-        embeds = self.embed(input_ids, input_id_subs, image_bound, vision_hidden_states)
-        return self.llm(input_ids, input_id_subs, inputs_embeds=embeds, **llm_inputs)
+        return self.llm(inputs, inputs_embeds=self.embed(inputs, vision_hidden_states))

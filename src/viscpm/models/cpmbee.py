@@ -17,7 +17,7 @@ Key names are ours; ``CPMBEE_KEY_RULES`` maps the official ones (loading and sav
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
@@ -346,6 +346,41 @@ class Block(nn.Module):
 # The model
 
 
+@dataclass(frozen=True)
+class CPMBeeInputs:
+    """A batch of CPM-Bee inputs, as ``viscpm.prompt`` builds them from structured prompts. Integer
+    arrays are int64 (``context`` bool); padding is marked by ``num_segments == 0``.
+
+    ``segment_rel`` rows are per-sample flattened bucket matrices (zero-padded), R ≥ the number of
+    segments squared; ``segment_rel_offset`` points a token at its sample's block.
+    ``ext_table_ids``/``_sub`` list the ``(id, sub)`` pairs that get extra output columns
+    ``vocab_size + k``. The last fields are for the parts around the LLM and training, not read by
+    ``CPMBee``: ``image_bound`` gives ``[begin, end)`` of each image's placeholder run (a prompt
+    with fewer images than others in the batch has empty ``[0, 0)`` rows), ``target`` the labels.
+    """
+
+    input_ids: torch.Tensor  # (B, L)
+    input_id_subs: torch.Tensor  # (B, L) sub id: tells apart ext tokens sharing one vocab id
+    position: torch.Tensor  # (B, L) position inside the segment's numbering
+    context: torch.Tensor  # (B, L) bool: True = given, False = to be predicted
+    sample_ids: torch.Tensor  # (B, L) 0 = shared; k>0 = in-context sample k
+    num_segments: torch.Tensor  # (B, L), 0 on padding
+    segment_ids: torch.Tensor  # (B, L)
+    segment_rel_offset: torch.Tensor  # (B, L)
+    segment_rel: torch.Tensor  # (B, R)
+    ext_table_ids: torch.Tensor  # (E,)
+    ext_table_sub: torch.Tensor  # (E,)
+    span: torch.Tensor | None = None  # (B, L) training-time packing; None = one span per row
+    length: torch.Tensor | None = None  # (B,) tokens of each prompt, padding excluded
+    image_bound: torch.Tensor | None = None  # (B, n_img, 2)
+    target: torch.Tensor | None = None  # (B, L) next-token labels, prompt.IGNORE_INDEX where none
+
+    def to(self, device: torch.device | str) -> CPMBeeInputs:
+        """A copy with every tensor on ``device``."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: t.to(device) for name, t in tensors.items() if t is not None})
+
+
 class CPMBeeOutput(NamedTuple):
     logits: torch.Tensor  # (B, L, V + E)
     hidden_states: torch.Tensor  # (B, L, d), after the final norm
@@ -395,48 +430,37 @@ class CPMBee(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        input_id_subs: torch.Tensor,
-        position: torch.Tensor,
-        context: torch.Tensor,
-        sample_ids: torch.Tensor,
-        num_segments: torch.Tensor,
-        segment_ids: torch.Tensor,
-        segment_rel_offset: torch.Tensor,
-        segment_rel: torch.Tensor,
-        ext_table_ids: torch.Tensor,
-        ext_table_sub: torch.Tensor,
+        inputs: CPMBeeInputs,
         *,
         inputs_embeds: torch.Tensor | None = None,
-        span: torch.Tensor | None = None,
         cache: KVCache | None = None,
         compute_logits: bool = True,
     ) -> CPMBeeOutput:
         """Full forward (no cache: training, Paint's text encoder, prefill) or incremental decoding
         (with ``cache``: the new tokens attend to everything cached before them).
 
-        All token arrays are (B, L) for the new tokens; ``segment_rel`` is (B, R) with R ≥ the
-        number of segments squared. Padding is marked by ``num_segments == 0``.
+        ``inputs`` holds the new tokens; ``inputs_embeds`` (B, L, d) replaces their token embeddings
+        (Chat writes the image states into them). ``inputs.span`` applies without a cache only.
         """
-        query = SegmentState(position, context.bool(), sample_ids, num_segments, segment_ids)
+        query = SegmentState(inputs.position, inputs.context.bool(), inputs.sample_ids, inputs.num_segments,
+                             inputs.segment_ids)
         key = cache.append_state(query) if cache is not None else query
-        mask, bias = attention_mask_and_bias(
-            self.position_bias, query, key, segment_rel_offset, segment_rel.long(), span if cache is None else None
-        )
+        mask, bias = attention_mask_and_bias(self.position_bias, query, key, inputs.segment_rel_offset,
+                                             inputs.segment_rel.long(), inputs.span if cache is None else None)
         # rows with no visible key (padding) would give NaN in softmax; open them and zero the output
         valid_rows = mask.any(dim=-1)  # (B, Lq)
         mask = mask | ~valid_rows[:, :, None]
         attn_bias = bias.masked_fill(~mask[:, None], float("-inf"))
         valid_rows = valid_rows[:, None, :, None].to(bias.dtype)  # (B, 1, Lq, 1)
 
-        h = self.embed_tokens(input_ids, input_id_subs) if inputs_embeds is None else inputs_embeds
+        h = self.embed_tokens(inputs.input_ids, inputs.input_id_subs) if inputs_embeds is None else inputs_embeds
         for index, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 h = torch.utils.checkpoint.checkpoint(layer, h, attn_bias, valid_rows, None, index, use_reentrant=False)
             else:
                 h = layer(h, attn_bias, valid_rows, cache, index)
         if cache is not None:
-            cache.advance(input_ids.size(1))
+            cache.advance(inputs.input_ids.size(1))
         h = self.final_norm(h)
-        logits = self.logits(h, ext_table_ids, ext_table_sub) if compute_logits else None
+        logits = self.logits(h, inputs.ext_table_ids, inputs.ext_table_sub) if compute_logits else None
         return CPMBeeOutput(logits, h)

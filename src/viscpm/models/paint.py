@@ -16,8 +16,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from ..prompt import BeeInputs
-from .cpmbee import CPMBEE_KEY_RULES, CPMBEE_PRESETS, CPMBee, CPMBeeConfig
+from .cpmbee import CPMBEE_KEY_RULES, CPMBEE_PRESETS, CPMBee, CPMBeeConfig, CPMBeeInputs
 from .keymap import KeyRules, prefixed
 
 # Stable Diffusion 2.1-base `unet/config.json` (the official Paint UNet). In diffusers,
@@ -179,17 +178,12 @@ class PaintModel(nn.Module):
                 if name.endswith(".attn2"):  # diffusers' name for the text cross-attention
                     module.requires_grad_(True)
 
-    def encode_text(self, inputs: BeeInputs) -> torch.Tensor:
+    def encode_text(self, inputs: CPMBeeInputs) -> torch.Tensor:
         """CPM-Bee's last hidden states (after its final norm) over the whole padded prompt:
         (B, L, d_llm). Padding rows are kept: the official UNet attends to them (no mask)."""
-        out = self.llm(
-            inputs.input_ids, inputs.input_id_subs, inputs.position, inputs.context, inputs.sample_ids,
-            inputs.num_segments, inputs.segment_ids, inputs.segment_rel_offset, inputs.segment_rel,
-            inputs.ext_table_ids, inputs.ext_table_sub, span=inputs.span, compute_logits=False,
-        )
-        return out.hidden_states
+        return self.llm(inputs, compute_logits=False).hidden_states
 
-    def encode_prompt(self, inputs: BeeInputs) -> torch.Tensor:
+    def encode_prompt(self, inputs: CPMBeeInputs) -> torch.Tensor:
         """UNet conditioning states (B, L, d_cross), in the bridge's dtype (the official code runs
         the LLM in fp16 and everything after it in fp32)."""
         hidden_states = self.encode_text(inputs)
@@ -199,7 +193,7 @@ class PaintModel(nn.Module):
         self,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
-        inputs: BeeInputs | None = None,
+        inputs: CPMBeeInputs | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Training-style pass: noise prediction (B, C, h, w) for latents at ``timesteps``,

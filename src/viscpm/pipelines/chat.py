@@ -29,6 +29,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..answer_language import AnswerLanguage
@@ -37,7 +38,10 @@ from ..generation import AnswerTokens, GenerationCancelled, beam_search, group_b
 from ..image_processing import DEFAULT_MAX_PIXELS, ImageInput, ImageTransform, load_image
 from ..models.chat import ChatModel
 from ..placement import dispatch, place
-from ..prompt import GenerationPrompt, append_turn, pack_for_generation
+from ..prompt import (
+    IGNORE_INDEX, GenerationPrompt, append_turn, collate_for_forward, convert_data_to_id, make_generation_dict,
+    pack_for_generation,
+)
 from ..quantization import refuse_quantized
 from ..safety import ImageChecker, Refused, load_image_checker, verdict
 from ..tokenization import CPMBeeTokenizer
@@ -190,7 +194,7 @@ class VisCPMChat:
         checker = resolve_switch("image_safety_checker", image_safety_checker, self.image_safety_checker,
                                  self._default_checker)
         pixel_values = self.transform([self._load(image, checker) for image in images]).to(self.device)
-        return self.model.encode_images(pixel_values.to(self.model.vision.patch_embed.weight.dtype))
+        return self.model.encode_images(pixel_values)  # the encoder casts to its own dtype
 
     def _pack(self, questions: Sequence[str], contexts: Sequence[str], has_image: Sequence[bool],
               answer_tokens: int) -> GenerationPrompt:
@@ -238,10 +242,9 @@ class VisCPMChat:
             encoded = self.encode_images([images[i] for i in to_encode], image_safety_checker=image_safety_checker)
             for row, i in enumerate(to_encode):
                 states[i] = encoded[row : row + 1]
-        inputs = prompt.inputs
         image_states = [s.to(self.device) for s in states if s is not None]
         vision = torch.cat(image_states) if image_states else None
-        embeds = self.model.embed(inputs.input_ids, inputs.input_id_subs, inputs.image_bound, vision)
+        embeds = self.model.embed(prompt.inputs, vision)
         return prompt, embeds, states
 
     def _answer_text(self, prompt: GenerationPrompt, sample: int, tokens: AnswerTokens) -> str:
@@ -361,6 +364,22 @@ class VisCPMChat:
                 yield tail
         finally:
             tokens.close()
+
+    @torch.no_grad()
+    def answer_logprob(self, images: Sequence[ImageInput], question: str, answer: str, *,
+                       image_safety_checker=None) -> list[float]:
+        """How likely the model finds ``answer`` as its reply to ``question`` about each image: the
+        mean log-probability per answer token, teacher-forced in the training prompt format (the
+        negated training loss). Paint's self-reranking scores its candidates with it."""
+        data = make_generation_dict({"context": "", "question": CPMBeeTokenizer.escape(question),
+                                     "<ans>": CPMBeeTokenizer.escape(answer)}, self.config.query_num)
+        prompt = convert_data_to_id(self.tokenizer, data)
+        inputs = collate_for_forward([prompt] * len(images), self.tokenizer).to(self.device)
+        vision = self.encode_images(images, image_safety_checker=image_safety_checker)
+        log_probs = F.log_softmax(self.model(inputs, vision_hidden_states=vision).logits.float(), dim=-1)  # (B, L, V+E)
+        learn = inputs.target != IGNORE_INDEX  # (B, L): where the next token is the answer's
+        picked = log_probs.gather(-1, inputs.target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, L)
+        return ((picked * learn).sum(1) / learn.sum(1)).tolist()
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         max_shard_size: int | str | None = None) -> Path:

@@ -44,8 +44,9 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import VAE_FOLDER, save_folder
 from ..models.paint import PaintModel
+from ..models.cpmbee import CPMBeeInputs
 from ..placement import dispatch, place
-from ..prompt import BeeInputs, collate_for_forward, convert_data_to_id
+from ..prompt import collate_for_forward, convert_data_to_id
 from ..quantization import refuse_quantized
 from ..rerank import Ranker, load_ranker
 from ..safety import ImageChecker, PromptChecker, load_image_checker, load_prompt_checker, screen_images, verdict
@@ -111,6 +112,11 @@ class _Plan:
         return self.num_images * self.candidates
 
 
+def _ranking_chat(model_path: str | os.PathLike | None = None) -> VisCPMChat:
+    """A chat model to self-rerank with, the packaged one by default (candidates pass Paint's checker)."""
+    return VisCPMChat(model_path, image_safety_checker=False)
+
+
 class VisCPMPaint:
     """Text to image. ``model_path``: an official ``.pt``, our saved folder, or None for the model
     shipped with the package (loaded in fp32 unless ``dtype`` says otherwise).
@@ -148,10 +154,10 @@ class VisCPMPaint:
     ):
         # resolved first, so a wrong switch fails before gigabytes are read
         packaged = is_packaged("paint", model_path)
-        packaged_chat = self._packaged_chat if packaged and has_default_model("chat") else None
+        packaged_chat = _ranking_chat if packaged and has_default_model("chat") else None
         prompt_checker = load_prompt_checker(prompt_safety_checker)
         image_checker = load_image_checker(image_safety_checker)
-        ranker = load_ranker(add_ranker, chat=packaged_chat)
+        ranker = load_ranker(add_ranker, chat=packaged_chat, open_chat=_ranking_chat)
         if packaged:
             model_path, dtype = default_model_path("paint"), dtype or torch.float32
         on_cpu = torch.device(device).type == "cpu"  # CPU: quantized while loading; CUDA: by bitsandbytes
@@ -169,10 +175,6 @@ class VisCPMPaint:
             model = dispatch(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
         self._setup(model, parts.vae, parts.tokenizer, parts.defaults, device, prompt_checker, image_checker, ranker,
                     packaged_chat, progress_bar, memory, quant)
-
-    @staticmethod
-    def _packaged_chat() -> VisCPMChat:
-        return VisCPMChat(None, image_safety_checker=False)
 
     @classmethod
     def from_components(
@@ -235,7 +237,7 @@ class VisCPMPaint:
                              "shorten it")
         return converted
 
-    def prompt_inputs(self, prompt: str, negative_prompt: str | None = None, guidance: bool = True) -> BeeInputs:
+    def prompt_inputs(self, prompt: str, negative_prompt: str | None = None, guidance: bool = True) -> CPMBeeInputs:
         """The padded CPM-Bee batch ``[negative; prompt]`` (``[prompt]`` without guidance). Both rows
         are padded to the longer one, as officially: the padding rows reach the UNet."""
         rows = [self._tokens(prompt, "prompt")]

@@ -26,10 +26,10 @@ from torch import nn
 from ..checkpoints import VAE_FOLDER, find_vocab, load_vae, save_folder
 from ..image_processing import ImageTransform
 from ..models.chat import ChatConfig, ChatModel
-from ..models.cpmbee import CPMBee, CPMBeeConfig
+from ..models.cpmbee import CPMBee, CPMBeeConfig, CPMBeeInputs
 from ..models.paint import PaintConfig, PaintModel
 from ..pipelines.loading import CHAT, LM, paint_kind
-from ..prompt import IGNORE_INDEX, BeeInputs, ConvertedPrompt, collate_for_forward, convert_data_to_id
+from ..prompt import IGNORE_INDEX, ConvertedPrompt, collate_for_forward, convert_data_to_id
 from ..tokenization import UNK_TOKEN, CPMBeeTokenizer
 from .config import ModelSection, TrainConfig
 from .data import BadRecord, Record, RecordSource, conversation_turns
@@ -153,7 +153,7 @@ class PromptExamples:
 
 @dataclass
 class PromptBatch:
-    inputs: BeeInputs
+    inputs: CPMBeeInputs
     pixel_values: torch.Tensor | None  # one row per prompt with an image
 
 
@@ -167,13 +167,6 @@ def count_targets(batch: PromptBatch) -> int:
     return int((batch.inputs.target != IGNORE_INDEX).sum())
 
 
-def _llm_arrays(inputs: BeeInputs, device) -> dict[str, torch.Tensor]:
-    i = inputs.to(device)
-    return dict(position=i.position, context=i.context, sample_ids=i.sample_ids, num_segments=i.num_segments,
-                segment_ids=i.segment_ids, segment_rel_offset=i.segment_rel_offset, segment_rel=i.segment_rel,
-                ext_table_ids=i.ext_table_ids, ext_table_sub=i.ext_table_sub, span=i.span)
-
-
 def _token_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -181,17 +174,14 @@ def _token_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def lm_loss(model: nn.Module, batch: PromptBatch) -> torch.Tensor:
     device = next(model.parameters()).device
     inputs = batch.inputs.to(device)
-    out = model(inputs.input_ids, inputs.input_id_subs, **_llm_arrays(inputs, device))
-    return _token_loss(out.logits, inputs.target)
+    return _token_loss(model(inputs).logits, inputs.target)
 
 
 def chat_loss(model: nn.Module, batch: PromptBatch) -> torch.Tensor:
     device = next(model.parameters()).device
     inputs = batch.inputs.to(device)
     pixels = batch.pixel_values.to(device) if batch.pixel_values is not None else None
-    out = model(inputs.input_ids, inputs.input_id_subs, inputs.image_bound, pixel_values=pixels,
-                **_llm_arrays(inputs, device))
-    return _token_loss(out.logits, inputs.target)
+    return _token_loss(model(inputs, pixel_values=pixels).logits, inputs.target)
 
 
 def _source(config: TrainConfig) -> RecordSource:
