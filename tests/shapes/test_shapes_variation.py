@@ -77,8 +77,9 @@ def test_invented_and_repeated_shapes_are_counted():
     one_red_circle = Scene((ShapeObject("circle", "red", "large", 1, 1),))
     invented = "There are two shapes: a large red circle in the middle and a big red cross at the centre."
     assert invents_or_repeats(invented, one_red_circle) == (True, False)
-    assert invents_or_repeats("A red circle in the middle and a red circle at the top.", one_red_circle) == (False, True)
+    assert invents_or_repeats("A red circle in the middle and a red circle at the top.", one_red_circle) == (True, True)
     assert invents_or_repeats("There is one big red circle in the centre.", one_red_circle) == (False, False)
+    assert invents_or_repeats("There is one big blue circle in the centre.", one_red_circle) == (False, False)  # misread
     assert invents_or_repeats("画面正中间有一个红色的大圆形。", one_red_circle) == (False, False)
 
 

@@ -3,7 +3,7 @@
 * QA accuracy per language (the attribute read from the free-text answer, in either language),
   the answer-language match rate, accuracy on the held-out colour–shape compositions;
 * caption accuracy: the (colour, shape) pairs a caption names equal the scene's; how often a caption
-  invents a shape (names a pair the scene lacks) or repeats one (names it more often than it occurs);
+  invents a shape (describes more shapes than there are) or repeats one (names a pair more often than it occurs);
 * the same on the robustness set (``eval/robust_qa.jsonl`` of a ``--robust`` corpus): the questions
   reworded as people type them, the scenes drawn by PIL, reported beside the canonical set;
 * paint adherence: the painted image reads back (pixel analyser) as exactly the prompt's scene —
@@ -106,9 +106,10 @@ def caption_pairs(text: str) -> set[tuple[str, str]]:
 
 
 def invents_or_repeats(caption: str, scene: Scene) -> tuple[bool, bool]:
-    """Whether ``caption`` names a pair ``scene`` lacks, and whether it names one more often than it occurs."""
+    """Whether ``caption`` describes more shapes than ``scene`` holds (an invented shape: a misread
+    attribute alone is not one), and whether it names one colour–shape pair more often than it occurs."""
     mentioned, present = Counter(caption_mentions(caption)), Counter(o.pair for o in scene.objects)
-    return (any(p not in present for p in mentioned), any(n > present[p] for p, n in mentioned.items() if p in present))
+    return (sum(mentioned.values()) > len(scene), any(n > present[p] for p, n in mentioned.items() if p in present))
 
 
 def evaluate_captions(chat, eval_dir: Path, limit: int | None = None, num_beams: int = 1,
