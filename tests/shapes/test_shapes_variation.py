@@ -12,7 +12,7 @@ from viscpm.shapes.pixels import analyse, render_array
 from viscpm.shapes.variation import draw, vary_question
 from viscpm.shapes.world import Scene, ShapeObject, sample_scene
 
-EVAL_ONLY = ("figure", "item", "photo", "drawing", "could you tell me", "i'd like to know", "briefly",
+EVAL_ONLY = ("figure", "item", "this one", "photo", "drawing", "could you tell me", "i'd like to know", "briefly",
              "can you see it", "照片", "东西", "物体", "麻烦", "我想知道", "简单回答", "图上")
 QUESTIONS = {"en": ("What colour is the shape in the centre?", "Describe the picture.",
                     "Is the object in the top left corner a square?", "What is in the image?"),

@@ -37,6 +37,7 @@ POOLS = ("train", "eval")
 _EN_WORDS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "colour": (r"\bcolour\b", {"train": ("color",), "eval": ("color",)}),
     "centre": (r"\bcentre\b", {"train": ("center",), "eval": ("center",)}),
+    "this": (r"\bthe (shape|object)(?=\?)", {"train": ("this", "it"), "eval": ("this one",)}),  # one-object scenes
     "shape": (r"\bthe shape\b", {"train": ("the object", "the thing"), "eval": ("the figure", "the item")}),
     "object": (r"\bthe object\b", {"train": ("the shape", "the thing"), "eval": ("the figure", "the item")}),
     "picture": (r"\bpicture\b", {"train": ("image",), "eval": ("photo", "drawing")}),
@@ -51,6 +52,7 @@ _EN_FRAMES = {
 _ZH_WORDS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "图中": ("图中", {"train": ("图片中", "画面中", "图里"), "eval": ("照片里", "图上")}),
     "画面里": ("画面里", {"train": ("图片里", "图中"), "eval": ("照片中",)}),
+    "这个": ("^图形", {"train": ("这个图形", "它"), "eval": ("这个东西",)}),  # one-object scenes
     "图形": ("图形", {"train": ("形状",), "eval": ("东西", "物体")}),
     "图片": ("图片", {"train": ("图", "画面"), "eval": ("照片",)}),
 }
@@ -150,7 +152,10 @@ def _colour(name: str, rng: random.Random, strength: float) -> tuple[int, int, i
 
 def _draw_object(draw: ImageDraw.ImageDraw, o: ShapeObject, scale: float, rng: random.Random, strength: float) -> None:
     cell = scale / GRID
-    radius = HALF_EXTENT[o.size] * cell * (1 + rng.uniform(-0.12, 0.12) * strength)
+    # people draw one shape big: a large one may grow well past its cell (the read-back check
+    # rejects a drawing where it then touches a neighbour)
+    grow = rng.uniform(-0.15, 0.7 if o.size == "large" else 0.15)
+    radius = HALF_EXTENT[o.size] * cell * (1 + grow * strength)
     cx = (o.col + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell * strength
     cy = (o.row + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell * strength
     fill = _colour(o.colour, rng, strength)
