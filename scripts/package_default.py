@@ -1,6 +1,7 @@
 """Copy trained ShapesWorld models into the package as its defaults, weights stored in fp16.
 
     python scripts/package_default.py runs/shapes/chat-sft/final runs/shapes/paint/final
+    python scripts/package_default.py runs/shapes/chat-robust-more/final      # the chat model only
 
 fp16 halves the wheel (the loaders cast the packaged models back to fp32 for CPU inference); the
 shipped-model test scores these exact files.
@@ -37,10 +38,11 @@ def half_copy(source: Path, target: Path) -> None:
             config.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def main(chat: str, paint: str) -> None:
+def main(chat: str, paint: str | None = None) -> None:
     half_copy(Path(chat), ASSETS / "chat")
-    half_copy(Path(paint), ASSETS / "paint")
-    PaintDefaults(PAINT_GUIDANCE_SCALE, height=PAINT_SIZE, width=PAINT_SIZE).save(ASSETS / "paint")
+    if paint is not None:  # else the packaged paint model stays
+        half_copy(Path(paint), ASSETS / "paint")
+        PaintDefaults(PAINT_GUIDANCE_SCALE, height=PAINT_SIZE, width=PAINT_SIZE).save(ASSETS / "paint")
     total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
     print(f"packaged into {ASSETS}: {total / 1e6:.1f} MB ({total / 2**20:.1f} MiB)")
     if total > PACKAGED_BYTES_LIMIT:
@@ -48,4 +50,6 @@ def main(chat: str, paint: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit(__doc__)
     main(*sys.argv[1:3])

@@ -150,6 +150,21 @@ def _colour(name: str, rng: random.Random, strength: float) -> tuple[int, int, i
     return tuple(int(np.clip(c + rng.uniform(-25, 25) * strength, 0, 255)) for c in COLOUR_RGB[name])
 
 
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: float, fill) -> None:
+    """One shape with PIL's primitives, in the renderer's geometry (apex-up triangle, cross arms)."""
+    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)], fill=fill)
+    else:
+        arm = CROSS_ARM * radius
+        draw.rectangle((cx - radius, cy - arm, cx + radius, cy + arm), fill=fill)
+        draw.rectangle((cx - arm, cy - radius, cx + arm, cy + radius), fill=fill)
+
+
 def _draw_object(draw: ImageDraw.ImageDraw, o: ShapeObject, scale: float, rng: random.Random, strength: float) -> None:
     cell = scale / GRID
     # people draw one shape big: a large one may grow well past its cell (the read-back check
@@ -158,18 +173,15 @@ def _draw_object(draw: ImageDraw.ImageDraw, o: ShapeObject, scale: float, rng: r
     radius = HALF_EXTENT[o.size] * cell * (1 + grow * strength)
     cx = (o.col + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell * strength
     cy = (o.row + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell * strength
-    fill = _colour(o.colour, rng, strength)
-    box = (cx - radius, cy - radius, cx + radius, cy + radius)
-    if o.shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif o.shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif o.shape == "triangle":
-        draw.polygon([(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)], fill=fill)
-    else:
-        arm = CROSS_ARM * radius
-        draw.rectangle((cx - radius, cy - arm, cx + radius, cy + arm), fill=fill)
-        draw.rectangle((cx - arm, cy - radius, cx + arm, cy + radius), fill=fill)
+    _draw_shape(draw, o.shape, cx, cy, radius, _colour(o.colour, rng, strength))
+
+
+def drawn_alone(shape: str, colour: str, side: int = 24, canvas: int = 64) -> Image.Image:
+    """One shape as a newcomer draws it to try the model: ``side`` px, centred, in PIL's named
+    colour on white (the probe of ``tests/test_default_model.py`` and ``scripts/probe_front_door.py``)."""
+    image = Image.new("RGB", (canvas, canvas), "white")
+    _draw_shape(ImageDraw.Draw(image), shape, canvas / 2, canvas / 2, side / 2, colour)
+    return image
 
 
 def _degrade(image: Image.Image, rng: random.Random, strength: float) -> Image.Image:
