@@ -43,8 +43,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoints import VAE_FOLDER, save_folder
-from ..models.paint import PaintModel
 from ..models.cpmbee import CPMBeeInputs
+from ..models.paint import PaintModel
 from ..placement import dispatch, place
 from ..prompt import collate_for_forward, convert_data_to_id
 from ..quantization import refuse_quantized
@@ -54,7 +54,7 @@ from ..tokenization import CPMBeeTokenizer
 from .chat import VisCPMChat
 from .defaults import (
     RANKER_CANDIDATES, SAMPLING_PRESETS, SCHEDULERS, MemoryOptions, build_scheduler, check_guidance_scale,
-    default_model_path, has_default_model, is_packaged, sampling_preset
+    default_model_path, has_default_model, is_packaged, sampling_preset,
 )
 from .edit import EditSource, edit_metadata, prepare_edit
 from .loading import PaintDefaults, check_vae, check_vocab, load_paint
