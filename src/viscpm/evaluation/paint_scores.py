@@ -233,9 +233,10 @@ def paint_prompts(painter, prompts: Sequence[PaintPrompt], image_dir: Path, seed
             continue
         begun = time.perf_counter()
         image = painter.paint(item.prompt, seed=seed + number, **paint_options)[0].image
-        seconds[number] = time.perf_counter() - begun
+        # rounded as stored, so a resumed run reports exactly what the first run did
+        seconds[number] = round(time.perf_counter() - begun, 4)
         image.save(path)
-        append_jsonl(timings, {"index": number, "prompt": item.prompt, "seconds": round(seconds[number], 4)})
+        append_jsonl(timings, {"index": number, "prompt": item.prompt, "seconds": seconds[number]})
         logger.info("painted %d/%d in %.2f s", number + 1, len(prompts), seconds[number])
     return paths, seconds
 
