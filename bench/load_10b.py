@@ -2,11 +2,12 @@
 
     python bench/load_10b.py                      # int8 (writes a ~21 GB synthetic checkpoint once)
     python bench/load_10b.py --quant int4 --tokens 4
+    python bench/load_10b.py --checkpoint viscpm_chat_zhplus_checkpoint.pt   # the real weights
 
 There is no real checkpoint here, so the script writes a synthetic one in the exact official
 layout: every key, shape and dtype (fp16) of ``../shared/reference/manifest/viscpm_chat_10b.json``,
-random values, saved with ``torch.save`` like the official ``.pt``. Writing it streams through a
-memory-mapped scratch file, so this script never holds the 21 GB itself.
+random values, streamed into a ``.safetensors`` file under the official key names (the loader reads
+it as it reads the official ``.pt``, memory-mapped), so this script never holds the 21 GB itself.
 
 Each measurement runs in a fresh process: load with ``VisCPMChat(path, quant=...)`` (memory-mapped,
 quantized layer by layer, each float layer's pages given back), then answer one question about an
@@ -14,7 +15,7 @@ image greedily. Reported: load time, peak resident memory (``ru_maxrss``: anonym
 file pages) against the quantized model's own size, the first token's latency (image encoding +
 prompt prefill: what a user waits for) and seconds per generated token, beside the figures issue
 21 measured before the fast paths (Intel Xeon with AMX, 2 threads).
-Not part of CI (it needs ~45 GB of disk and minutes).
+Not part of CI (it needs ~21 GB of disk and minutes).
 """
 from __future__ import annotations
 
@@ -37,25 +38,27 @@ ISSUE_21_INT8 = {"first_token_s": 40.0, "s_per_token": 0.76}  # before the fast 
 
 
 def write_synthetic_checkpoint(path: Path) -> None:
-    """Random fp16 tensors with the official 10B keys and shapes, as one torch.save'd .pt."""
+    """Random fp16 tensors with the official 10B keys and shapes, streamed into one ``.safetensors``
+    file (official key names: the loader treats it as the official ``.pt``). A ``torch.save``'d
+    ``.pt`` would need the values in memory or a second 21 GB scratch file on disk; this needs
+    neither (the header, then each tensor's bytes in chunks)."""
     keys = json.loads(MANIFEST.read_text())["keys"]
-    total = sum(entry["numel"] for entry in keys.values())
-    backing = path.with_suffix(".values")
-    values = np.memmap(backing, dtype=np.float16, mode="w+", shape=(total,))
+    header, offset = {}, 0
+    for key, entry in keys.items():
+        header[key] = {"dtype": "F16", "shape": entry["shape"], "data_offsets": [offset, offset + 2 * entry["numel"]]}
+        offset += 2 * entry["numel"]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
     rng = np.random.default_rng(0)
     chunk = 1 << 26
-    for start in range(0, total, chunk):  # small random weights, filled chunk by chunk
-        end = min(start + chunk, total)
-        values[start:end] = (rng.standard_normal(end - start, dtype=np.float32) * 0.02).astype(np.float16)
-    values.flush()
-    state, offset = {}, 0
-    for key, entry in keys.items():
-        state[key] = torch.from_numpy(values[offset : offset + entry["numel"]]).view(entry["shape"])
-        offset += entry["numel"]
-    torch.save(state, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").rename(path)
-    del state, values
-    backing.unlink()
+    partial = path.with_suffix(".tmp")
+    with open(partial, "wb") as out:
+        out.write(len(text).to_bytes(8, "little") + text)
+        for entry in keys.values():
+            for start in range(0, entry["numel"], chunk):  # small random weights, chunk by chunk
+                count = min(chunk, entry["numel"] - start)
+                out.write((rng.standard_normal(count, dtype=np.float32) * 0.02).astype(np.float16).tobytes())
+    partial.rename(path)
 
 
 def rss_mb(field: str) -> float:
@@ -75,7 +78,8 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     before = rss_mb("VmRSS")
     start = time.perf_counter()
-    chat = VisCPMChat(args.checkpoint, vocab_path=args.vocab, quant=args.quant, image_safety_checker=False)
+    chat = VisCPMChat(args.checkpoint, vocab_path=args.vocab, quant=args.quant, dtype=getattr(torch, args.dtype),
+                      image_safety_checker=False)
     load_s = time.perf_counter() - start
     peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     after_load = {"rss": rss_mb("VmRSS"), "anon": rss_mb("RssAnon"), "file": rss_mb("RssFile")}
@@ -104,8 +108,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quant", default="int8", choices=("int8", "int4"))
     parser.add_argument("--tokens", type=int, default=8, help="tokens to generate (default 8)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the model's float dtype beside the quantized layers (default float32, the pipeline's)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help="an existing 10B chat checkpoint (the official .pt, or an earlier "
+                        "synthetic .pt/.safetensors) instead of the synthetic one in --dir")
     parser.add_argument("--vocab", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -113,18 +120,19 @@ def main(argv=None) -> int:
         return 0
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    checkpoint, vocab = folder / "viscpm_chat_10b.pt", folder / "vocab.txt"
-    if not checkpoint.is_file():
+    checkpoint = Path(args.checkpoint or folder / "viscpm_chat_10b.safetensors")
+    vocab = folder / "vocab.txt"
+    if not checkpoint.is_file() and args.checkpoint is None:
         start = time.perf_counter()
         write_synthetic_checkpoint(checkpoint)
         print(f"wrote {checkpoint} ({checkpoint.stat().st_size / 2**30:.1f} GiB) in {time.perf_counter() - start:.0f} s")
     if not vocab.is_file():
         write_vocab(vocab, 86_583)
     command = [sys.executable, __file__, "--child", "--checkpoint", str(checkpoint), "--vocab", str(vocab),
-               "--quant", args.quant, "--tokens", str(args.tokens), "--threads", str(args.threads)]
+               "--quant", args.quant, "--tokens", str(args.tokens), "--threads", str(args.threads), "--dtype", args.dtype]
     result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     ratio = result["peak_rss_mb"] / result["model_mb"]
-    print(f"checkpoint {checkpoint.stat().st_size / 2**30:.1f} GiB fp16; {args.threads} threads")
+    print(f"checkpoint {checkpoint.stat().st_size / 2**30:.1f} GiB fp16; {args.threads} threads; model dtype {args.dtype}")
     print(f"{'quant':5} {'model MiB':>9} {'load s':>7} {'peak RSS MiB':>12} {'peak/model':>10} "
           f"{'RSS after load (anon+file)':>27} {'image s':>7} {'prefill s':>9} {'first token s':>13} {'s/token':>7}")
     after = result["after_load"]

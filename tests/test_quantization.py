@@ -32,25 +32,96 @@ def dequantized_int4(weight: torch.Tensor, group: int) -> torch.Tensor:
     return (torch.round((grouped - low) / step).clamp(0, 15) * step + low).view_as(weight)
 
 
-@pytest.mark.parametrize("layer", [
-    ScaledLinear(256, 96), ScaledLinear(256, 96, scale_input=True), nn.Linear(256, 96), nn.Linear(256, 96, bias=False),
-], ids=["scaled", "scaled-input", "bias", "plain"])
+def dequantized_int8(layer: nn.Linear) -> torch.Tensor:
+    """Symmetric per-row int8 of the layer's weight, written independently of the module."""
+    scale = layer.weight.abs().amax(1, keepdim=True) / 127
+    return torch.round(layer.weight / scale).clamp(-127, 127) * scale
+
+
+def relative_error_per_row(out: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    out, expected = out.reshape(-1, out.size(-1)), expected.reshape(-1, expected.size(-1))
+    return (out - expected).norm(dim=1) / expected.norm(dim=1)
+
+
+INT8_LAYERS = [ScaledLinear(256, 96), ScaledLinear(256, 96, scale_input=True), nn.Linear(256, 96),
+               nn.Linear(256, 96, bias=False)]
+INT8_LAYER_IDS = ["scaled", "scaled-input", "bias", "plain"]
+
+
+@pytest.mark.parametrize("layer", INT8_LAYERS, ids=INT8_LAYER_IDS)
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_int8_linear_w8a8_computes_its_dequantized_weights(layer, rows):
+    """FBGEMM's W8A8 (activations in 8 bits, a scale per row) stays within 2 % (relative L2, every
+    row) of the dequantized weights in float; measured 0.7 % on average, 1.0 % at most (VNNI's 8 bits).
+    Rows of very different sizes: one shared activation scale would flatten the small ones."""
+    torch.manual_seed(0)
+    nn.init.normal_(layer.weight)
+    x = torch.randn(2, rows, 256)
+    x[0, -1] *= 100
+    quantized = quantize_linear(layer, "int8")
+    assert isinstance(quantized, Int8Linear) and quantized.packed is not None  # FBGEMM: every x86 torch
+    assert not hasattr(quantized, "weight")  # the packed matrix is the only copy
+    assert quantized.packed_bytes == layer.weight.numel()
+    expected = linear_output(layer, x, dequantized_int8(layer))
+    assert relative_error_per_row(quantized(x), expected).max() < 0.02
+    assert relative_error_per_row(quantized(x), layer(x)).max() < 0.03  # int8 weights alone: ~0.5 %
+
+
+def test_int8_linear_keeps_outlier_channels_out_of_8_bits(monkeypatch):
+    """LLM.int8()-style outlier channels (3 of 256 at 40x, their weights 40x smaller, so the output
+    depends on every channel): quantized apart from the rest of their row they cost nothing more
+    (0.7 %, as much as Gaussian rows); quantized with it (one scale per row) they leave the others
+    a few levels (5-9 %). In the decoder's one row and the prefill's many."""
+    torch.manual_seed(0)
+    outliers = [5, 17, 200]
+    layer = nn.Linear(256, 96)
+    with torch.no_grad():
+        layer.weight[:, outliers] /= 40
+    quantized = quantize_linear(layer, "int8")
+    for rows in (1, 30):
+        x = torch.randn(rows, 256)
+        x[:, outliers] = 40 * torch.sign(x[:, outliers])
+        expected = linear_output(layer, x, dequantized_int8(layer))
+        assert relative_error_per_row(quantized(x), expected).max() < 0.02
+        with monkeypatch.context() as patch:
+            patch.setattr(quantization, "OUTLIER_SIGMAS", float("inf"))
+            assert relative_error_per_row(quantized(x), expected).mean() > 0.03
+
+
+def test_int8_linear_full_range_activations_do_not_saturate():
+    """Where the CPU has VNNI, activations use all 8 bits; the worst case for an int16 pair sum
+    (every weight ±127 with the sign of its large, same-sign activation) must still be exact."""
+    layer = nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.ones(8, 64))
+        layer.weight[1::2] *= -1
+    quantized = quantize_linear(layer, "int8")
+    x = torch.full((1, 64), 3.0)
+    torch.testing.assert_close(quantized(x), layer(x), rtol=1e-2, atol=0)
+
+
+@pytest.fixture
+def without_fbgemm(monkeypatch):
+    """The weight-only path that machines without FBGEMM (ARM) take."""
+    monkeypatch.setattr(quantization, "_fbgemm_pack", lambda weight, scale: None)
+
+
+@pytest.mark.parametrize("layer", INT8_LAYERS, ids=INT8_LAYER_IDS)
 @pytest.mark.parametrize("rows", [1, 3, INT8_KERNEL_MAX_ROWS + 5])  # the kernel path and the GEMM path
-def test_int8_linear_computes_its_dequantized_weights(layer, rows):
+def test_int8_linear_weight_only_computes_its_dequantized_weights(layer, rows, without_fbgemm):
     torch.manual_seed(0)
     nn.init.normal_(layer.weight)
     x = torch.randn(2, rows, 256)
     quantized = quantize_linear(layer, "int8")
-    assert isinstance(quantized, Int8Linear) and quantized.weight.dtype == torch.int8
-    scale = layer.weight.abs().amax(1, keepdim=True) / 127
-    expected = linear_output(layer, x, torch.round(layer.weight / scale).clamp(-127, 127) * scale)
+    assert quantized.packed is None and quantized.weight.dtype == torch.int8
+    expected = linear_output(layer, x, dequantized_int8(layer))
     # activations pass through bf16: ~3 significant digits
     torch.testing.assert_close(quantized(x), expected, rtol=2e-2, atol=2e-2 * expected.abs().mean().item())
     relative = (quantized(x) - layer(x)).norm() / layer(x).norm()
     assert relative < 0.01  # int8 per-channel on Gaussian weights: ~0.5 %
 
 
-def test_int8_prefill_widens_in_blocks_and_equals_the_kernel_path(monkeypatch):
+def test_int8_prefill_widens_in_blocks_and_equals_the_kernel_path(monkeypatch, without_fbgemm):
     """Many rows go through block-wise widening + a bf16 GEMM; with blocks smaller than the layer
     (here 16 output channels, so the last block is partial) every block lands in its columns."""
     torch.manual_seed(0)
@@ -68,10 +139,10 @@ def dequantized_projection(embedding: Int8Embedding, x: torch.Tensor) -> torch.T
     return x @ (embedding.weight.float() * embedding.scales.float()[:, None]).T
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 40])
 def test_int8_vocab_projection_w8a8_equals_its_dequantized_weights(rows):
-    """Decoding's projection (FBGEMM, activations in 8 bits with a scale per row) stays within
-    2 % (relative L2) of the weight-only product; measured ~1 % (7-bit activation range)."""
+    """The projection (FBGEMM, activations in 8 bits with a scale per row) stays within
+    2 % (relative L2) of the weight-only product; measured ~0.5-1 %."""
     torch.manual_seed(0)
     embedding = Int8Embedding(nn.Embedding(512, 64))
     assert embedding.packed is not None  # FBGEMM is in every x86 build of torch
@@ -85,8 +156,8 @@ def test_int8_vocab_projection_w8a8_equals_its_dequantized_weights(rows):
 def test_int8_vocab_projection_keeps_outlier_channels_out_of_8_bits(monkeypatch):
     """A model with LLM.int8()-style outlier channels (3 of 64 channels 40x the rest, their
     weights correspondingly small, so the output still depends on every channel): with the
-    outliers taken out of the 8-bit product the error stays ~1 %; quantizing them with the
-    rest (one scale per row) gives ~16 %."""
+    outliers quantized apart from the rest of their row the error stays 0.6 %; quantizing them
+    with the rest (one scale per row) gives ~16 %."""
     torch.manual_seed(0)
     outliers = [5, 17, 40]
     vocabulary = nn.Embedding(512, 64)
@@ -154,8 +225,9 @@ def forward_inputs(length: int = 12, batch: int = 2) -> dict:
 def test_int8_cpmbee_logits_stay_close_to_fp32(golden_llm):
     """Stated tolerance for the official tiny model (d=32, vocab 86,583): logits within 5 % (relative
     L2) of fp32 and the same argmax at ≥ 90 % of positions (random weights leave near ties: the
-    closest top-2 gap here is 0.026). bf16 weights alone give ~1.6 %; we measured 2.5 % (fp32
-    GEMM over widened int8 blocks; 2.7 % when activations were rounded to bf16 first)."""
+    closest top-2 gap here is 0.026). bf16 weights alone give ~1.6 %; we measured 2.5 % weight-only
+    (fp32 GEMM over widened int8 blocks) and 3.9 % with FBGEMM's W8A8 (8-bit activations over this
+    model's 32 channels are coarse; the mid-size model in bench/decode.py: 4.3 %)."""
     inputs = forward_inputs()
     reference = golden_llm(CPMBeeInputs(**inputs)).logits
     quantized = quantize_module(copy.deepcopy(golden_llm), "int8")
@@ -168,11 +240,16 @@ def test_int8_cpmbee_logits_stay_close_to_fp32(golden_llm):
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
 
 
+@pytest.mark.parametrize("path", ["w8a8", "weight-only"])
 @torch.no_grad()
-def test_int8_cache_decoding_equals_int8_full_forward(golden_llm):
-    """The fast path (int8 kernel, one row per step) agrees with the full pass (GEMM path) within
-    the bf16 rounding of the kernel's activations (the full pass of an fp32 model stays fp32):
-    relative L2 per step under 2 % (bf16 activations alone: ~1 %)."""
+def test_int8_cache_decoding_equals_int8_full_forward(golden_llm, path, monkeypatch):
+    """The decoding path (one row per step) agrees with the full pass. Weight-only: within the bf16
+    rounding of the kernel's activations (the full pass of an fp32 model stays fp32), under 2 %
+    (~1 % measured). W8A8: each path rounds its own activations to 8 bits, one row's grid against
+    many rows' (FBGEMM's one asymmetric range per call); with this model's 32 channels per row the
+    steps are coarse: measured 1.2-3.2 %, so under 4 % (a real model's 4096 channels: ~0.5 %)."""
+    if path == "weight-only":
+        monkeypatch.setattr(quantization, "_fbgemm_pack", lambda weight, scale: None)
     inputs = forward_inputs(length=24, batch=1)
     quantized = quantize_module(copy.deepcopy(golden_llm), "int8")
     full = quantized(CPMBeeInputs(**inputs)).logits
@@ -182,4 +259,4 @@ def test_int8_cache_decoding_equals_int8_full_forward(golden_llm):
     quantized(CPMBeeInputs(**{k: v[:, :18] for k, v in per_token.items()}, **shared), cache=cache)
     for t in range(18, 24):
         step = quantized(CPMBeeInputs(**{k: v[:, t : t + 1] for k, v in per_token.items()}, **shared), cache=cache).logits
-        assert (step[:, 0] - full[:, t]).norm() / full[:, t].norm() < 0.02
+        assert (step[:, 0] - full[:, t]).norm() / full[:, t].norm() < (0.04 if path == "w8a8" else 0.02)

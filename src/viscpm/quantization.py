@@ -9,9 +9,13 @@ multiplying without first widening them back to floats is what makes it faster.
   this machine (torch 2.13, 1 thread, a 2816×1024 linear at batch 1): torchao 0.18's
   ``Int8WeightOnlyConfig`` streamed 1.2–1.4 GB/s and optimum-quanto 0.2.7's ``qint8`` 7.7 GB/s
   (as fast as plain bf16, i.e. no gain), while ``_weight_int8pack_mm`` streamed 14.5 GB/s of int8
-  weights (2× bf16's tokens/s). Hence these thin modules around the PyTorch kernels. Prefill
-  (many rows) widens the int8 weight block by block into a float GEMM; the int8 vocabulary
-  projection decodes through FBGEMM (see ``Int8Embedding``; numbers in docs/performance.md).
+  weights (2× bf16's tokens/s). Hence these thin modules around the PyTorch kernels.
+  Where FBGEMM is built in (every x86 build of torch), int8 layers keep only FBGEMM's packed
+  matrix and run its dynamic int8 GEMM (W8A8: VNNI dot products) for every row count, with a scale
+  per row and outlier channels kept out of 8 bits (``w8a8_matmul``): weights streamed ~1.5× faster
+  than the weight-only kernel and prefill 1.5–6× faster than a widened float GEMM (numbers in
+  docs/performance.md). Elsewhere (ARM) int8 stays weight-only: the kernel for few rows, the
+  weight widened block by block into a float GEMM for many.
 * CUDA: bitsandbytes' ``Linear8bitLt`` / ``Linear4bit`` (NF4) when bitsandbytes is installed.
 
 CPM-Bee's ``ScaledLinear`` divides by sqrt(fan-in); the division is folded into the scales, so a
@@ -35,10 +39,13 @@ INT4_GROUP_SIZES = (128, 64, 32)  # largest group that divides the input width i
 # (prefill, the vision encoder) dequantizing blocks of the weight for a bf16 GEMM is faster.
 INT8_KERNEL_MAX_ROWS = 16
 QUANT_BLOCK_ROWS = 256  # rows quantized at a time
-# an activation channel beyond this many standard deviations of its row skips 8-bit activation
-# quantization (LLM.int8()'s outliers are ~20x typical; a Gaussian channel passes 6 sigma with
-# probability ~2e-9). Sigma comes from the median |x| (x1.4826), which the outliers cannot inflate.
+# an activation beyond this many standard deviations of its row is quantized apart from the rest
+# (LLM.int8()'s outliers are ~20x typical; a Gaussian channel passes 6 sigma with probability ~2e-9). Sigma comes from the mean |x| (x1.2533 for a Gaussian): a handful of outliers
+# among thousands of channels barely moves it, and it costs one pass where a median costs a sort.
 OUTLIER_SIGMAS = 6.0
+# FBGEMM's activations use the full 8 bits where the CPU has VNNI (its int32 dot products cannot
+# saturate); without VNNI, u8*s8 pairs summed into int16 can, so 7 bits, as torch.ao does
+_VNNI = bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
 # weights widened at a time for a GEMM (16 MB of bf16, inside the L3): few, large GEMMs, as every
 # parallel region costs a thread hand-off, which on a busy machine outweighs smaller blocks' cache hits
 INT8_WIDEN_BLOCK_ELEMENTS = 1 << 23
@@ -92,16 +99,53 @@ def quantize_int8_rows(weight: torch.Tensor, factor: float = 1.0) -> tuple[torch
 
 
 class Int8Linear(_QuantizedLinear):
-    """y = (q · s) x + b with int8 q and one bf16 scale per output channel."""
+    """y = (q · s) x + b with int8 q and one scale per output channel: FBGEMM's packed matrix and
+    W8A8 (``w8a8_matmul``) where FBGEMM is built in, else the int8 matrix, weight-only."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear.in_features, linear.out_features, linear.bias)
         weight, scale = quantize_int8_rows(linear.weight, _output_scale(linear))
-        self.register_buffer("weight", weight)
-        self.register_buffer("scales", scale.to(COMPUTE_DTYPE))
+        self.packed = _fbgemm_pack(weight, scale)  # not state: quantized models are never saved
+        self.packed_bytes = 0 if self.packed is None else weight.numel()  # ~1 byte per weight, measured
+        if self.packed is None:
+            self.register_buffer("weight", weight)
+            self.register_buffer("scales", scale.to(COMPUTE_DTYPE))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, self.weight, self.scales)
+        if self.packed is None:
+            return int8_matmul(x, self.weight, self.scales)
+        return w8a8_matmul(x.float(), self.packed)
+
+
+def w8a8_matmul(x: torch.Tensor, packed) -> torch.Tensor:
+    """x (rows, in) fp32 @ Wᵀ for FBGEMM's packed per-channel int8 W, activations in 8 bits.
+
+    FBGEMM quantizes its input with one range for the whole call; dividing each row by its largest
+    magnitude first (and multiplying the output back: the product is linear) gives every row, i.e.
+    every token, its own scale. Values beyond OUTLIER_SIGMAS of their row (LLM.int8()'s outlier
+    channels, the heavy tail of the FFN's GELU·up product) would leave the rest of the row a few
+    levels, so such a row is split in two, the outlying values and the rest, and both halves go
+    through the same call as separate rows, each with its own scale: the rest keeps its fine steps
+    and the outliers' 8 bits are relative to their own size. One more row in a call that
+    streams the weight anyway costs little; no float copy of the weight is needed."""
+    rows = x.size(0)
+    largest = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
+    limit = torch.linalg.vector_norm(x, 1, dim=1, keepdim=True).mul_(OUTLIER_SIGMAS * 1.2533 / x.size(1))
+    split = (largest > limit)[:, 0]
+    if bool(split.any()):
+        outlying = x.abs() > limit
+        split_rows = split.nonzero()[:, 0]
+        remainder = (x * outlying).index_select(0, split_rows)
+        low = x.masked_fill(outlying, 0.0)
+        x = torch.cat([low, remainder])
+        largest = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
+    elif rows == 1:  # FBGEMM's range for the call is the row's own
+        return torch.ops.quantized.linear_dynamic(x, packed, not _VNNI)
+    largest = largest.clamp(min=1e-30)  # an all-zero row (padding) stays zero
+    out = torch.ops.quantized.linear_dynamic(x / largest, packed, not _VNNI).mul_(largest)
+    if len(out) > rows:
+        out = out[:rows].index_add_(0, split_rows, out[rows:])
+    return out
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -163,12 +207,10 @@ class Int8Embedding(nn.Module):
     """The tied vocabulary matrix in int8 (one scale per token): looked up for the input and used
     as the output projection (``project=True``), which at mid sizes is half of the bytes read per token.
 
-    Decoding's projection (a few rows) runs FBGEMM's dynamic int8 GEMM on a second, packed int8 copy
-    of the matrix (+1 byte per weight: 355 MB at 10B, 3.5 % of the model): PyTorch's weight-only
-    kernel streams this 1024-wide matrix at ~1.5 GB/s here against FBGEMM's ~20 (bench/linear_kernels.py).
-    FBGEMM also quantizes the activations (W8A8), so each row gets its own scale (one call per row)
-    and outlier channels (LLM.int8()'s failure case for 8-bit activations) are taken out of the
-    int8 product and added back weight-only from the unpacked matrix."""
+    The projection runs FBGEMM's dynamic int8 GEMM (``w8a8_matmul``) on a second, packed int8 copy
+    of the matrix (+1 byte per weight: 355 MB at 10B, 3.5 % of the model; the lookup needs the
+    plain one): PyTorch's weight-only kernel streamed this 1024-wide matrix at ~1.5 GB/s on a Zen 4
+    against FBGEMM's ~20 (bench/linear_kernels.py)."""
 
     def __init__(self, embedding: nn.Embedding):
         super().__init__()
@@ -182,25 +224,13 @@ class Int8Embedding(nn.Module):
     def forward(self, x: torch.Tensor, project: bool = False) -> torch.Tensor:
         if project:  # hidden states -> vocabulary logits
             rows = x.reshape(-1, self.embedding_dim)
-            if self.packed is not None and rows.size(0) <= INT8_KERNEL_MAX_ROWS:
-                out = torch.cat([self._w8a8_row(row[None].float()) for row in rows])
+            if self.packed is not None:
+                out = w8a8_matmul(rows.float(), self.packed)
             else:
                 out = int8_matmul(rows, self.weight, self.scales)
             return out.view(*x.shape[:-1], self.num_embeddings).to(x.dtype)
         # looked-up rows come out in the scales' dtype: the model's, once the model is cast
         return F.embedding(x, self.weight).to(self.scales.dtype) * F.embedding(x, self.scales[:, None])
-
-    def _w8a8_row(self, row: torch.Tensor) -> torch.Tensor:
-        """One row (1, d) in fp32: FBGEMM over its ordinary channels (one activation scale for the
-        row, 7-bit range as torch.ao uses it), channels beyond OUTLIER_SIGMAS weight-only."""
-        sigma = 1.4826 * row.abs().median()
-        outliers = (row.abs() > OUTLIER_SIGMAS * sigma).nonzero()[:, 1]
-        if len(outliers) == 0:
-            return torch.ops.quantized.linear_dynamic(row, self.packed, True)
-        ordinary = row.index_fill(1, outliers, 0.0)
-        out = torch.ops.quantized.linear_dynamic(ordinary, self.packed, True)
-        columns = self.weight.index_select(1, outliers).float() * self.scales.float()[:, None]  # (V, k)
-        return out + row[:, outliers] @ columns.T
 
 
 def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor):
