@@ -121,16 +121,12 @@ def release_file_pages(tensor: torch.Tensor) -> None:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
-def _allocate_big_blocks_apart() -> None:
-    """Have glibc serve every allocation ≥ 1 MiB by its own mapping, returned to the system on free.
-
-    Quantizing interleaves long-lived int8 layers with short-lived fp32 temporaries; by default
-    glibc raises its mapping threshold after the first big free and then carves both from one
-    heap, whose holes stay resident: we measured 2.3× the quantized size instead of 1.3×.
-    (Process-wide and harmless elsewhere; a no-op without glibc.)"""
+def _set_mmap_threshold(size: int) -> None:
+    """Have glibc serve every allocation ≥ ``size`` bytes by its own mapping, returned to the system
+    on free (process-wide; a no-op without glibc)."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
     if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        mallopt(M_MMAP_THRESHOLD, size)
 
 
 def is_official(state: Mapping[str, torch.Tensor], rules: KeyRules) -> bool:
@@ -261,9 +257,15 @@ def load_weights(
     check_state_dict(model, state, weights, rules if official else None)
     model.load_state_dict(state, strict=True, assign=True)
     if quant is not None:
-        _allocate_big_blocks_apart()
+        # Quantizing interleaves long-lived int8 layers with short-lived fp32 temporaries; by default
+        # glibc raises its mapping threshold after the first big free and then carves both from one
+        # heap, whose holes stay resident: we measured 2.3x the quantized size instead of 1.3x.
+        _set_mmap_threshold(1 << 20)
         release = lambda old: [release_file_pages(t) for t in (*old.parameters(), *old.buffers())]
         quantize_module(model.get_submodule(quant_part), quant, on_replaced=release)
+        # then activations up to 64 MiB are reused from the heap, not mapped (and page-faulted in)
+        # afresh on every call: an int8 prefill measured 25 % faster
+        _set_mmap_threshold(64 << 20)
     return model.eval(), config, weights
 
 

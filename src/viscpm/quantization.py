@@ -128,24 +128,24 @@ def w8a8_matmul(x: torch.Tensor, packed) -> torch.Tensor:
     through the same call as separate rows, each with its own scale: the rest keeps its fine steps
     and the outliers' 8 bits are relative to their own size. One more row in a call that
     streams the weight anyway costs little; no float copy of the weight is needed."""
-    rows = x.size(0)
-    largest = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
-    limit = torch.linalg.vector_norm(x, 1, dim=1, keepdim=True).mul_(OUTLIER_SIGMAS * 1.2533 / x.size(1))
-    split = (largest > limit)[:, 0]
-    if bool(split.any()):
-        outlying = x.abs() > limit
-        split_rows = split.nonzero()[:, 0]
-        remainder = (x * outlying).index_select(0, split_rows)
-        low = x.masked_fill(outlying, 0.0)
-        x = torch.cat([low, remainder])
-        largest = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
-    elif rows == 1:  # FBGEMM's range for the call is the row's own
-        return torch.ops.quantized.linear_dynamic(x, packed, not _VNNI)
-    largest = largest.clamp(min=1e-30)  # an all-zero row (padding) stays zero
-    out = torch.ops.quantized.linear_dynamic(x / largest, packed, not _VNNI).mul_(largest)
-    if len(out) > rows:
-        out = out[:rows].index_add_(0, split_rows, out[rows:])
-    return out
+    rows, width = x.shape
+    magnitude = x.abs()  # (torch.linalg.vector_norm over rows measured 10-20x slower than these)
+    largest = magnitude.amax(dim=1, keepdim=True)
+    total = magnitude.sum(dim=1, keepdim=True)  # sigma ≈ 1.2533 · total / width
+    if (largest / total).max().item() * width <= OUTLIER_SIGMAS * 1.2533:  # one check (and sync) per call
+        if rows == 1:  # FBGEMM's range for the call is the row's own
+            return torch.ops.quantized.linear_dynamic(x, packed, not _VNNI)
+        scale = largest.clamp_(min=1e-30)  # an all-zero row (padding) stays zero
+        return torch.ops.quantized.linear_dynamic(x / scale, packed, not _VNNI).mul_(scale)
+    outlying = magnitude > total * (OUTLIER_SIGMAS * 1.2533 / width)
+    # the rows, then their outliers, written into one buffer (fresh multi-MB temporaries cost page
+    # faults on every call); a row's outliers include its largest value, which is their scale
+    stacked = x.new_empty(2 * rows, width)
+    torch.mul(x, ~outlying, out=stacked[:rows])
+    torch.mul(x, outlying, out=stacked[rows:])
+    scale = torch.cat([magnitude.masked_fill_(outlying, 0.0).amax(dim=1, keepdim=True), largest]).clamp_(min=1e-30)
+    out = torch.ops.quantized.linear_dynamic(stacked.div_(scale), packed, not _VNNI).mul_(scale)
+    return out[:rows] + out[rows:]
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
