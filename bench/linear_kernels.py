@@ -4,10 +4,11 @@
     python bench/linear_kernels.py --rows 1,100
 
 Columns: fp32 and bf16 ``F.linear`` (MKL / oneDNN); PyTorch's weight-only int8 matrix-vector kernel
-``_weight_int8pack_mm``; our int8 path (``viscpm.quantization.int8_matmul``: that kernel for few
-rows, block-wise widening to bf16 + a bf16 GEMM for many); FBGEMM's dynamic int8 linear
-(``torch.ao`` dynamic ``Linear``: W8A8 with *one* activation scale per call); W8A8 with one
-activation scale per row through ``torch._int_mm``; int4 ``_weight_int4pack_mm_for_cpu``. Each
+``_weight_int8pack_mm``; the weight-only int8 path (``viscpm.quantization.int8_matmul``, used where
+FBGEMM is missing: that kernel for few rows, block-wise widening to bf16 + a bf16 GEMM for many);
+FBGEMM's dynamic int8 linear (``torch.ao`` dynamic ``Linear``: W8A8 with *one* activation scale per
+call); our int8 layer (``Int8Linear``: FBGEMM with a scale per row and outliers apart); W8A8 with
+one activation scale per row through ``torch._int_mm``; int4 ``_weight_int4pack_mm_for_cpu``. Each
 cell is the best of ``--repeats`` calls after a warm-up, so neighbours' load skews it least.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from viscpm.quantization import Int4Linear, Int8Linear
+from viscpm.quantization import Int4Linear, Int8Linear, int8_matmul, quantize_int8_rows
 
 SHAPES = {"vocab 86583x1024": (86_583, 1024), "ffn 10240x4096": (10_240, 4096), "attn 4096x4096": (4096, 4096)}
 
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    columns = ("fp32", "bf16", "int8pack", "ours int8", "fbgemm dyn", "w8a8 row", "int4")
+    columns = ("fp32", "bf16", "int8pack", "int8 w-only", "fbgemm dyn", "ours int8", "int_mm row", "int4")
     print(f"threads {args.threads}; ms per call (best of {args.repeats}); GB/s = weight bytes / time")
     print(f"{'layer, rows':24} " + " ".join(f"{c:>10}" for c in columns))
     with torch.no_grad():
@@ -63,27 +64,30 @@ def main(argv=None) -> int:
             out_features, in_features = SHAPES[name]
             linear = nn.Linear(in_features, out_features, bias=False)
             weight_bf16 = linear.weight.to(torch.bfloat16)
+            weight, scales = quantize_int8_rows(linear.weight)
+            scales = scales.to(torch.bfloat16)
             int8 = Int8Linear(linear)
             # the int4 kernel packs 16 outputs at a time (the vocabulary stays int8 in int4 mode)
             int4 = Int4Linear(linear) if out_features % 16 == 0 else None
             dynamic = torch.ao.nn.quantized.dynamic.Linear.from_float(
                 _with_qconfig(linear))
-            w8a8 = per_row_w8a8(int8.weight.t(), int8.scales.float())
+            w8a8 = per_row_w8a8(weight.t(), scales.float())
             for rows in map(int, args.rows.split(",")):
                 x = torch.randn(rows, in_features)
                 xb = x.to(torch.bfloat16)
                 cells = {
                     "fp32": best_ms(lambda: F.linear(x, linear.weight), args.repeats),
                     "bf16": best_ms(lambda: F.linear(xb, weight_bf16), args.repeats),
-                    "int8pack": best_ms(lambda: torch._weight_int8pack_mm(xb, int8.weight, int8.scales), args.repeats),
-                    "ours int8": best_ms(lambda: int8.matmul(xb), args.repeats),
+                    "int8pack": best_ms(lambda: torch._weight_int8pack_mm(xb, weight, scales), args.repeats),
+                    "int8 w-only": best_ms(lambda: int8_matmul(xb, weight, scales), args.repeats),
                     "fbgemm dyn": best_ms(lambda: dynamic(x), args.repeats),
-                    "w8a8 row": best_ms(lambda: w8a8(x), args.repeats),
+                    "ours int8": best_ms(lambda: int8(x), args.repeats),
+                    "int_mm row": best_ms(lambda: w8a8(x), args.repeats),
                     "int4": best_ms(lambda: int4.matmul(xb), args.repeats) if int4 else float("nan"),
                 }
                 print(f"{name + ', ' + str(rows):24} " + " ".join(f"{cells[c]:10.2f}" for c in columns))
             gb = out_features * in_features / 1e9
-            del linear, weight_bf16, int8, int4, dynamic, w8a8
+            del linear, weight_bf16, weight, scales, int8, int4, dynamic, w8a8
             print(f"{'':24} weights: fp32 {4 * gb:.2f} GB, bf16 {2 * gb:.2f}, int8 {gb:.2f}, int4 {gb / 2:.2f}")
     return 0
 

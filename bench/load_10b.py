@@ -88,16 +88,18 @@ def child(args) -> None:
     start = time.perf_counter()
     states = chat.encode_image(image)
     encode_s = time.perf_counter() - start
-    steps = []
+    steps, lengths = [], []
     hook = chat.model.llm.register_forward_hook(lambda *_: steps.append(time.perf_counter()))
+    measure_prompt = chat.model.llm.register_forward_pre_hook(lambda _, args: lengths.append(args[0].input_ids.size(1)))
     start = time.perf_counter()
     chat.chat(None, "What is in the image?", vision_hidden_states=states, num_beams=1, max_new_tokens=args.tokens)
     hook.remove()
+    measure_prompt.remove()
     print(json.dumps({
         "quant": args.quant, "load_s": load_s, "model_mb": size, "rss_before_mb": before,
         "peak_rss_load_mb": peak_load, "after_load": after_load,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "encode_image_s": encode_s, "prefill_s": steps[0] - start,
+        "encode_image_s": encode_s, "prefill_s": steps[0] - start, "prompt_tokens": lengths[0],
         "s_per_token": (steps[-1] - steps[0]) / max(len(steps) - 1, 1), "tokens": len(steps) - 1,
     }))
 
@@ -140,6 +142,7 @@ def main(argv=None) -> int:
     print(f"{args.quant:5} {result['model_mb']:9.0f} {result['load_s']:7.1f} {result['peak_rss_mb']:12.0f} {ratio:10.2f} "
           f"{after['rss']:10.0f} ({after['anon']:.0f}+{after['file']:.0f}) {result['encode_image_s']:7.1f} "
           f"{result['prefill_s']:9.1f} {first_token:13.1f} {result['s_per_token']:7.2f}")
+    print(f"prompt {result['prompt_tokens']} tokens (the image's 64 queries included)")
     print(f"issue 21 (int8, AMX machine, before): first token ~{ISSUE_21_INT8['first_token_s']:.0f} s, "
           f"{ISSUE_21_INT8['s_per_token']:.2f} s/token; here: {first_token / ISSUE_21_INT8['first_token_s']:.2f}x and "
           f"{result['s_per_token'] / ISSUE_21_INT8['s_per_token']:.2f}x of those times")
