@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 quantization of linear layers (and the tied vocabulary embedding).
+"""int8 / int4 quantization of linear layers (and the tied vocabulary embedding).
 
 Decoding at batch 1 is bound by reading the weights, so storing them in 8 or 4 bits and
 multiplying without first widening them back to floats is what makes it faster.
@@ -33,6 +33,8 @@ from torch import nn
 from .models.cpmbee import CPMBee, ScaledLinear
 
 QUANT_MODES = ("int8", "int4")
+QUANT_HELP = ("quantize the language model's linear layers while loading: int8 (W8A8 on x86 CPUs, weight-only "
+              "elsewhere) or int4 (weight-only); less memory, faster CPU inference (default: off)")
 COMPUTE_DTYPE = torch.bfloat16  # the packed CPU kernels are fast with bf16 activations only
 INT4_GROUP_SIZES = (128, 64, 32)  # largest group that divides the input width is used
 # The int8 kernel is a matrix-vector kernel: its time grows with every row, and beyond ~16 rows

@@ -88,6 +88,13 @@ def test_flags_take_the_library_defaults_and_names(capsys):
     # not a CLI-only 256); interactive: the same, answering in the question's language
     assert chat_options(parser.parse_args(["chat", "hi"])) == ChatOptions()
     assert chat_options(parser.parse_args(["chat"])) == ChatOptions(language="auto")
+    bench = parser.parse_args(["eval", "llava-bench", "--images", "i", "--out", "o", "--judge-url", "u",
+                               "--judge-model", "m"])  # scores the model as viscpm chat answers one question
+    assert (bench.beams, bench.temperature, bench.top_p, bench.repetition_penalty, bench.max_new_tokens) == (
+        ChatOptions().num_beams, ChatOptions().temperature, ChatOptions().top_p, ChatOptions().repetition_penalty,
+        ChatOptions().max_new_tokens)
+    from viscpm.pipelines.defaults import DEFAULT_PRESET
+    assert parser.parse_args(["eval", "paint"]).preset == DEFAULT_PRESET
     train = parser._subparsers._group_actions[0].choices["train"]
     assert sorted(next(a for a in train._actions if a.dest == "stage").choices) == sorted(STAGES)
     with pytest.raises(SystemExit):

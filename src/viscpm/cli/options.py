@@ -6,6 +6,7 @@ import importlib
 from collections.abc import Iterator
 
 from ..pipelines.chat import DEFAULT_MAX_CONTEXT_TOKENS
+from ..quantization import QUANT_HELP, QUANT_MODES
 
 
 class LibraryChoices:
@@ -27,9 +28,7 @@ class LibraryChoices:
 
 
 def add_quant_option(parser) -> None:
-    parser.add_argument("--quant", choices=("int8", "int4"),
-                        help="weight-only quantization of the language model's linear layers (chat: also the "
-                             "vision encoder): less memory, faster CPU decoding (default: off)")
+    parser.add_argument("--quant", choices=QUANT_MODES, help=QUANT_HELP)
 
 
 def add_placement_options(parser) -> None:

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..pipelines.defaults import DEFAULT_PRESET, SAMPLING_PRESETS
+
 LLAVA_BENCH_HELP = """LLaVA-Bench (COCO) as in VisCPM's chat table: the model answers 90 questions about 30 COCO
 val2014 images; a judge behind any OpenAI-compatible endpoint scores its answer against GPT-4's
 (LLaVA's protocol and rules); the relative score is model / reference x 100 per category.
@@ -57,7 +59,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="config JSON, when the checkpoint has none beside it")
     parser.add_argument("--vocab", help="CPM-Bee vocab (default: vocab.txt beside the checkpoint)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--quant", choices=("int8", "int4"), help="weight-only quantization (default: off)")
+    from ..quantization import QUANT_HELP, QUANT_MODES
+
+    parser.add_argument("--quant", choices=QUANT_MODES, help=QUANT_HELP)
 
 
 def _add_llava_bench_parser(kinds) -> None:
@@ -84,14 +88,19 @@ def _add_llava_bench_parser(kinds) -> None:
     judge.add_argument("--judge-max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     judge.add_argument("--judge-attempts", type=int, default=3,
                        help="replies asked for per question before it counts as unparseable (default 3)")
-    decoding = parser.add_argument_group("decoding (defaults: the official VisCPM-Chat's)")
-    decoding.add_argument("--beams", type=int, default=3, help="beam size (default 3)")
+    from ..pipelines.chat_options import ChatOptions
+
+    official = ChatOptions()  # the library's defaults: the official VisCPM-Chat decoding
+    decoding = parser.add_argument_group("decoding (defaults: the library's, as in VisCPM)")
+    decoding.add_argument("--beams", type=int, default=official.num_beams, help="beam size (default %(default)s)")
     decoding.add_argument("--sample", action="store_true", help="sample instead of beam search")
-    decoding.add_argument("--temperature", type=float, default=0.7)
-    decoding.add_argument("--top-p", type=float, default=1.0)
-    decoding.add_argument("--seed", type=int, help="random seed for --sample")
-    decoding.add_argument("--max-new-tokens", type=int, help="cap answers (default: the official max_length 512)")
-    decoding.add_argument("--repetition-penalty", type=float, default=1.1)
+    decoding.add_argument("--temperature", type=float, default=official.temperature, help="(default %(default)s)")
+    decoding.add_argument("--top-p", type=float, default=official.top_p, help="(default %(default)s)")
+    decoding.add_argument("--seed", type=int, default=official.seed, help="random seed for --sample")
+    decoding.add_argument("--max-new-tokens", type=int, default=official.max_new_tokens,
+                          help=f"cap answers (default: the official max_length {official.max_length})")
+    decoding.add_argument("--repetition-penalty", type=float, default=official.repetition_penalty,
+                          help="(default %(default)s)")
     decoding.add_argument("--batch-size", type=int, default=4, help="questions answered together (default 4)")
     parser.set_defaults(run=run_llava_bench_command)
 
@@ -160,8 +169,10 @@ def _add_paint_parser(kinds) -> None:
     parser.add_argument("--out", metavar="DIR", help="where images and report.json go (an existing run resumes); "
                                                      "needed with --prompts")
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--preset", choices=["official", "fast"], default="official",
-                          help="official (DDPM, 50 steps) or fast (SDE-DPM-Solver++, 20 steps)")
+    sampling.add_argument("--preset", choices=tuple(SAMPLING_PRESETS), default=DEFAULT_PRESET,
+                          help=", ".join(f"{name} ({scheduler}, {steps} steps)"
+                                         for name, (scheduler, steps) in SAMPLING_PRESETS.items())
+                          + " (default %(default)s)")
     sampling.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
     sampling.add_argument("--guidance", type=float, help="guidance scale (default: the model's; officially 7.5)")
     sampling.add_argument("--size", type=int, help="image size (default: the model's)")

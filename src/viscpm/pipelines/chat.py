@@ -131,7 +131,7 @@ class VisCPMChat:
             model_path, dtype = default_model_path("chat"), dtype or torch.float32
         on_cpu = torch.device(device).type == "cpu"  # CPU: quantized while loading; CUDA: by bitsandbytes
         parts = load_chat(model_path, config_path, vocab_path, quant=quant if on_cpu else None)
-        # weight-only int8/int4 (``quant``) covers the LLM on CPU: every decoded token reads all of it.
+        # int8/int4 (``quant``) covers the LLM on CPU: every decoded token reads all of it.
         # The vision encoder and mapping run once per image (compute-bound, no gain from 8 bits) and
         # were most of int8's logit error on bench/decode.py's model (3.1 of 5.4 %), so they stay float.
         model = place(parts.model, device, dtype or (torch.float32 if quant else None), quant)

@@ -126,7 +126,7 @@ class VisCPMPaint:
     :mod:`viscpm.rerank`; None self-reranks only with the packaged models); a call switches them
     with ``True``/``False``/a callable (:mod:`viscpm.pipelines.switches`).
 
-    ``quant``: ``"int8"``/``"int4"`` weight-only quantization of the CPM-Bee text encoder.
+    ``quant``: ``"int8"``/``"int4"`` quantization of the CPM-Bee text encoder (see :mod:`viscpm.quantization`).
 
     ``device_map`` (``"auto"`` or ``{module: device | "disk"}``, names as in the model:
     ``llm.layers.0``, ``bridge``, ``unet``…), ``max_memory``, ``offload_folder``: spread the model
