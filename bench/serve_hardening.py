@@ -104,7 +104,7 @@ def server_figures() -> None:
         start = time.perf_counter()
         paint.paint("a red circle", num_inference_steps=steps, height=side, width=side, seed=0)
         print(f"paint {side}x{side}, {steps} steps, guidance {guidance:g}: estimated UNet time {estimate:.2f} s "
-              f"(a lower bound), the whole call took {time.perf_counter() - start:.2f} s")
+              f"(meant as a lower bound), the whole call took {time.perf_counter() - start:.2f} s")
 
 
 if __name__ == "__main__":
