@@ -67,10 +67,11 @@ def test_convert_casts_dtype(official_pt, tmp_path):
 
 @pytest.mark.slow
 def test_quantized_loading_equals_quantizing_after_loading(official_pt, image):
-    from viscpm.quantization import Int8Linear, quantize_module
+    from viscpm.quantization import Int8Linear, SharedInputInt8Linear, quantize_module
 
     loaded = VisCPMChat(official_pt, quant="int8")
-    assert isinstance(loaded.model.llm.layers[0].attn.q, Int8Linear)
+    assert isinstance(loaded.model.llm.layers[0].attn.out, Int8Linear)
+    assert isinstance(loaded.model.llm.layers[0].attn.q, (Int8Linear, SharedInputInt8Linear))  # fused with FBGEMM
     # the vision side runs once per image and stays float (see the pipeline's comment)
     assert not any(isinstance(m, Int8Linear) for m in (*loaded.model.vision.modules(), *loaded.model.mapping.modules()))
     later = VisCPMChat(official_pt, dtype=torch.float32)

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from viscpm.models.cpmbee import CPMBeeInputs, ScaledLinear
+from viscpm.models.cpmbee import CPMBee, CPMBeeConfig, CPMBeeInputs, ScaledLinear
 from viscpm import quantization
 from viscpm.quantization import (
-    INT8_KERNEL_MAX_ROWS, Int4Linear, Int8Embedding, Int8Linear, quantize_linear, quantize_module, quantized_bytes,
+    INT8_KERNEL_MAX_ROWS, Int4Linear, Int8Embedding, Int8Linear, SharedInputInt8Linear, quantize_linear,
+    quantize_module, quantized_bytes,
 )
 
 from .models.cpmbee_fixtures import golden_tiny_cpmbee
@@ -238,6 +239,63 @@ def test_int8_cpmbee_logits_stay_close_to_fp32(golden_llm):
     logits = quantized(CPMBeeInputs(**inputs)).logits
     assert (logits - reference).norm() / reference.norm() < 0.05
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+
+def random_cpmbee() -> CPMBee:
+    torch.manual_seed(0)
+    model = CPMBee(CPMBeeConfig(vocab_size=1200, dim_model=128, dim_ff=320, num_layers=2, num_heads=2, dim_head=64))
+    model.reset_parameters()
+    return model.eval()
+
+
+@torch.no_grad()
+def test_shared_input_siblings_compute_what_separate_int8_layers_compute(monkeypatch):
+    """q, k, v (and gate, up) in one FBGEMM call give the separate layers' outputs to the bit, with
+    and without outlying activations, in the full pass and in cache decoding."""
+    model = random_cpmbee()
+    fused = quantize_module(copy.deepcopy(model), "int8")
+    monkeypatch.setattr(quantization, "SHARED_INPUT_LAYERS", {})
+    separate = quantize_module(copy.deepcopy(model), "int8")
+    assert all(isinstance(getattr(fused.layers[0].attn, n), SharedInputInt8Linear) for n in ("q", "k", "v"))
+    assert all(isinstance(getattr(fused.layers[0].ffn, n), SharedInputInt8Linear) for n in ("gate", "up"))
+    assert isinstance(separate.layers[0].attn.q, Int8Linear)
+    assert quantized_bytes(fused) == quantized_bytes(separate)  # the shared matrix counted once
+    inputs = CPMBeeInputs(**forward_inputs(length=10, batch=2))
+    assert torch.equal(fused(inputs).logits, separate(inputs).logits)
+    x = torch.randn(3, 5, 128)
+    x[..., 7] *= 300  # an outlier channel: rows are split inside the shared call as in a single one
+    for block_part in ("attn", "ffn"):
+        for name in ("q", "k", "v") if block_part == "attn" else ("gate", "up"):
+            got = getattr(getattr(fused.layers[1], block_part), name)(x)
+            assert torch.equal(got, getattr(getattr(separate.layers[1], block_part), name)(x)), name
+    full = forward_inputs(length=10, batch=1)
+    shared = {k: full.pop(k) for k in ("segment_rel", "ext_table_ids", "ext_table_sub")}
+    decoded = []
+    for quantized in (fused, separate):  # prefill 8 tokens into the cache, then decode 2 one by one
+        cache = quantized.new_cache(1, 10)
+        quantized(CPMBeeInputs(**{k: v[:, :8] for k, v in full.items()}, **shared), cache=cache)
+        decoded.append([quantized(CPMBeeInputs(**{k: v[:, t : t + 1] for k, v in full.items()}, **shared),
+                                  cache=cache).logits for t in (8, 9)])
+    assert all(torch.equal(a, b) for a, b in zip(*decoded))
+
+
+@torch.no_grad()
+def test_a_shared_call_recomputes_for_a_new_or_changed_input():
+    """A sibling asked alone, asked twice, or given an input changed in place gets its own answer."""
+    attn = quantize_module(copy.deepcopy(random_cpmbee()), "int8").layers[0].attn
+    single = {n: Int8Linear(getattr(random_cpmbee().layers[0].attn, n)) for n in ("q", "k", "v")}
+    x, y = torch.randn(4, 128), torch.randn(4, 128)
+    assert torch.equal(attn.q(x), single["q"](x)) and torch.equal(attn.q(x), single["q"](x))  # twice
+    assert torch.equal(attn.k(y), single["k"](y))  # another input before the siblings took theirs
+    assert torch.equal(attn.v(x), single["v"](x))
+    attn.q(x)
+    x.mul_(2)  # changed in place between the siblings' calls
+    assert torch.equal(attn.k(x), single["k"](x))
+
+
+def test_without_fbgemm_siblings_stay_separate_weight_only_layers(without_fbgemm):
+    attn = quantize_module(random_cpmbee(), "int8").layers[0].attn
+    assert all(isinstance(getattr(attn, n), Int8Linear) and getattr(attn, n).packed is None for n in ("q", "k", "v"))
 
 
 @pytest.mark.parametrize("path", ["w8a8", "weight-only"])

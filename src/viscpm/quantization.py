@@ -14,7 +14,8 @@ multiplying without first widening them back to floats is what makes it faster.
   matrix and run its dynamic int8 GEMM (W8A8: VNNI dot products) for every row count, with a scale
   per row and outlier channels kept out of 8 bits (``w8a8_matmul``): weights streamed ~1.5× faster
   than the weight-only kernel and prefill 1.5–6× faster than a widened float GEMM (numbers in
-  docs/performance.md). Elsewhere (ARM) int8 stays weight-only: the kernel for few rows, the
+  docs/performance.md). Layers that read the same input (q, k, v; gate, up) share one packed
+  matrix and one call (``SharedInputInt8``). Elsewhere (ARM) int8 stays weight-only: the kernel for few rows, the
   weight widened block by block into a float GEMM for many.
 * CUDA: bitsandbytes' ``Linear8bitLt`` / ``Linear4bit`` (NF4) when bitsandbytes is installed.
 
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.cpmbee import CPMBee, ScaledLinear
+from .models.cpmbee import Attention, CPMBee, FeedForward, ScaledLinear
 
 QUANT_MODES = ("int8", "int4")
 QUANT_HELP = ("quantize the language model's linear layers while loading: int8 (W8A8 on x86 CPUs, weight-only "
@@ -117,6 +118,75 @@ class Int8Linear(_QuantizedLinear):
         if self.packed is None:
             return int8_matmul(x, self.weight, self.scales)
         return w8a8_matmul(x.float(), self.packed)
+
+
+class SharedInputInt8:
+    """Sibling layers that always read the same input (CPM-Bee's q, k and v; the FFN's gate and up)
+    packed as one int8 matrix and computed in one FBGEMM call: per-output-channel scales and the
+    per-row activation scale make the result identical to separate calls, while a decode step makes
+    4 calls per layer instead of 7 (each call's activation statistics and dispatch cost ~40 µs at
+    mid size, about a third of the int8 step there). The model file stays as written: each sibling
+    is a :class:`SharedInputInt8Linear` that asks this group for its slice; the first sibling to
+    see a new input computes all of them, the others take theirs."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        quantized = [quantize_int8_rows(linear.weight, _output_scale(linear)) for linear in linears]
+        weight = torch.cat([q for q, _ in quantized])
+        self.packed = _fbgemm_pack(weight, torch.cat([scale for _, scale in quantized]))
+        self.packed_bytes = weight.numel()
+        self.in_features, self.widths = linears[0].in_features, [linear.out_features for linear in linears]
+        self._input, self._version, self._outputs, self._waiting = None, -1, (), set()
+
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Sibling ``index``'s output (rows, width) in fp32 for input ``x``."""
+        if x is not self._input or x._version != self._version or index not in self._waiting:
+            rows = w8a8_matmul(x.reshape(-1, self.in_features).float(), self.packed)
+            self._input, self._version, self._waiting = x, x._version, set(range(len(self.widths)))
+            self._outputs = rows.split(self.widths, dim=-1)
+        out = self._outputs[index]
+        self._waiting.discard(index)
+        if not self._waiting:  # every sibling has its slice: hold no activations between calls
+            self._input, self._outputs = None, ()
+        return out
+
+
+class SharedInputInt8Linear(nn.Module):
+    """One sibling of a :class:`SharedInputInt8` group, in place of its bias-free linear layer."""
+
+    def __init__(self, group: SharedInputInt8, index: int):
+        super().__init__()
+        self.group, self.index = group, index
+        self.in_features, self.out_features = group.in_features, group.widths[index]
+        self.packed_bytes = group.packed_bytes if index == 0 else 0  # the group's matrix, counted once
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # contiguous: elementwise kernels round differently on strided inputs (GELU's vector path
+        # vs its scalar one), and the result must equal the separate layers' to the bit
+        out = self.group.output(x, self.index).to(x.dtype).contiguous()
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, shared call {self.index}"
+
+
+# the sibling layers of each CPM-Bee block that read the same input
+SHARED_INPUT_LAYERS = {Attention: ("q", "k", "v"), FeedForward: ("gate", "up")}
+
+
+def _fuse_siblings(module: nn.Module, mode: str, on_replaced: Callable[[nn.Module], None] | None) -> None:
+    """int8 with FBGEMM: replace ``module``'s shared-input siblings by one :class:`SharedInputInt8`."""
+    names = SHARED_INPUT_LAYERS.get(type(module), ())
+    siblings = [getattr(module, name) for name in names]
+    if mode != "int8" or not siblings or not all(type(s) is ScaledLinear and s.weight.device.type == "cpu"
+                                                 for s in siblings):
+        return  # (LoRA-wrapped or already quantized layers keep their own path)
+    group = SharedInputInt8(siblings)
+    if group.packed is None:  # no FBGEMM (ARM): each layer goes weight-only on its own
+        return
+    for index, (name, sibling) in enumerate(zip(names, siblings)):
+        setattr(module, name, SharedInputInt8Linear(group, index))
+        if on_replaced is not None:
+            on_replaced(sibling)
 
 
 def w8a8_matmul(x: torch.Tensor, packed) -> torch.Tensor:
@@ -284,12 +354,13 @@ def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
 def quantize_module(module: nn.Module, mode: str, *,
                     on_replaced: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` under ``module`` (in place, one layer at a time, so no second
-    full copy of the weights ever exists) and every CPM-Bee tied embedding
-    by int8 (CPU only: the output projection needs the int8 kernel). ``on_replaced(old)`` is
+    full copy of the weights ever exists; int8 siblings that read one input as one group) and every
+    CPM-Bee tied embedding by int8 (CPU only: the output projection needs the int8 kernel). ``on_replaced(old)`` is
     called after each replacement (the loader releases the old weights' file pages there).
     Returns ``module``."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    _fuse_siblings(module, mode, on_replaced)
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
             replacement = quantize_linear(child, mode)
