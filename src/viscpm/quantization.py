@@ -15,8 +15,8 @@ multiplying without first widening them back to floats is what makes it faster.
   per row and outlier channels kept out of 8 bits (``w8a8_matmul``): weights streamed ~1.5× faster
   than the weight-only kernel and prefill 1.5–6× faster than a widened float GEMM (numbers in
   docs/performance.md). Layers that read the same input (q, k, v; gate, up) share one packed
-  matrix and one call (``SharedInputInt8``). Elsewhere (ARM) int8 stays weight-only: the kernel for few rows, the
-  weight widened block by block into a float GEMM for many.
+  matrix and one call (``SharedInputInt8``). Elsewhere (ARM) int8 stays weight-only: the kernel
+  for few rows, the weight widened block by block into a float GEMM for many.
 * CUDA: bitsandbytes' ``Linear8bitLt`` / ``Linear4bit`` (NF4) when bitsandbytes is installed.
 
 CPM-Bee's ``ScaledLinear`` divides by sqrt(fan-in); the division is folded into the scales, so a
