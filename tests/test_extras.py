@@ -1,5 +1,6 @@
-"""Optional dependencies: chat and paint need none of the `serve` and `train` extras, and a command
-that needs a missing extra says which one to install (and fails before loading any model)."""
+"""Dependencies: ranges in pyproject, the exact tested set in constraints.txt; chat and paint need
+none of the `serve` and `train` extras, and a command that needs a missing extra says which one to
+install (and fails before loading any model)."""
 from __future__ import annotations
 
 import subprocess
@@ -64,3 +65,32 @@ def test_chat_and_paint_run_without_the_serve_and_train_extras(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.strip(), args
     assert (tmp_path / "painted.png").stat().st_size > 0
+
+
+def test_dependencies_are_ranges_and_the_constraints_pin_a_version_inside_each():
+    """pyproject gives ranges (a lower bound, never an exact pin), so viscpm installs beside other
+    packages; constraints.txt pins every declared package, extras included, to a version inside its
+    range, so the exact set CI tests is one pip could choose."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    declared += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    pins = {}
+    for line in (REPO_ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        if line.split("#")[0].strip():
+            pinned = Requirement(line.split("#")[0])
+            assert [s.operator for s in pinned.specifier] == ["=="], f"constraints.txt: {line!r} is not an exact pin"
+            pins[canonicalize_name(pinned.name)] = next(iter(pinned.specifier)).version
+    for requirement in declared:
+        if canonicalize_name(requirement.name) == "viscpm":  # an extra made of other extras
+            continue
+        operators = {s.operator for s in requirement.specifier}
+        assert ">=" in operators and not operators & {"==", "===", "~="}, f"{requirement}: a lower bound, not a pin"
+        version = pins.get(canonicalize_name(requirement.name))
+        assert version is not None, f"constraints.txt does not pin {requirement.name}"
+        assert requirement.specifier.contains(version, prereleases=True), \
+            f"constraints.txt pins {requirement.name}=={version}, outside pyproject's {requirement.specifier}"
