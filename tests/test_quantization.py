@@ -104,7 +104,7 @@ def test_int8_linear_full_range_activations_do_not_saturate():
 @pytest.fixture
 def without_fbgemm(monkeypatch):
     """The weight-only path that machines without FBGEMM (ARM) take."""
-    monkeypatch.setattr(quantization, "_fbgemm_pack", lambda weight, scale: None)
+    monkeypatch.setattr(quantization, "FBGEMM", False)
 
 
 @pytest.mark.parametrize("layer", INT8_LAYERS, ids=INT8_LAYER_IDS)
@@ -307,7 +307,7 @@ def test_int8_cache_decoding_equals_int8_full_forward(golden_llm, path, monkeypa
     many rows' (FBGEMM's one asymmetric range per call); with this model's 32 channels per row the
     steps are coarse: measured 1.2-3.2 %, so under 4 % (a real model's 4096 channels: ~0.5 %)."""
     if path == "weight-only":
-        monkeypatch.setattr(quantization, "_fbgemm_pack", lambda weight, scale: None)
+        monkeypatch.setattr(quantization, "FBGEMM", False)
     inputs = forward_inputs(length=24, batch=1)
     quantized = quantize_module(copy.deepcopy(golden_llm), "int8")
     full = quantized(CPMBeeInputs(**inputs)).logits
