@@ -11,7 +11,7 @@ from PIL import Image, ImageFilter
 from viscpm.shapes import (COLOUR_RGB, COLOURS, HELDOUT_PAIRS, KINDS, LANGS, POSITIONS, SHAPES, SIZES, Scene,
                            ShapeObject, analyse, answer_language, describe, extract_answer, make_dialogue, make_qa,
                            plan_question, realise, render, render_array, sample_scene, score_answer, score_image)
-from viscpm.shapes.language import COLOUR_ZH, SHAPE_EN, SHAPE_ZH
+from viscpm.shapes.language import COLOUR_ZH, NUMBER_EN, NUMBER_ZH, POSITION_EN, POSITION_ZH, SHAPE_EN, SHAPE_ZH
 
 
 def _scenes(seed: int, n: int, **kwargs) -> list[Scene]:
@@ -150,6 +150,26 @@ def test_descriptions_are_deterministic_complete_and_varied() -> None:
     texts = {describe(one, lang, random.Random(i)) for i in range(200) for lang in LANGS}
     assert len(texts) >= 20  # several templates and word orders per language
     assert "画面左上角有一个红色的小圆形。" in texts
+
+
+def test_reading_order_descriptions_give_the_count_then_each_shape_once_row_by_row() -> None:
+    from viscpm.shapes.evaluate import caption_mentions, caption_pairs
+
+    for scene in _scenes(13, 200):
+        for lang in LANGS:
+            text = describe(scene, lang, random.Random(len(scene.objects)), reading_order=True)
+            ordered = sorted(scene.objects, key=lambda o: o.cell)
+            if not ordered:
+                continue
+            count = NUMBER_EN[len(ordered)] if lang == "en" else NUMBER_ZH[len(ordered)]
+            assert text.startswith(f"There {'is' if len(ordered) == 1 else 'are'} {count} shape" if lang == "en"
+                                   else f"画面中有{count}个图形："), text
+            assert caption_mentions(text) == [o.pair for o in ordered], text  # each once, top row first
+            assert caption_pairs(text) == set(scene.pairs)
+            clauses = re.split(r"\. " if lang == "en" else "[：，]", text.rstrip(".。"))[1:]
+            places = POSITION_EN if lang == "en" else POSITION_ZH
+            for clause, shape in zip(clauses, ordered, strict=True):  # the place first, then its shape
+                assert any(clause.lower().startswith(p) for p in places[shape.position]), (clause, text)
 
 
 @pytest.mark.parametrize("evidence_first", [False, True])

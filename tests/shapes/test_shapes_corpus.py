@@ -58,6 +58,17 @@ def test_evidence_first_changes_only_the_instruction_dialogues(corpus: CorpusPat
     assert not any(re.match(r"(Yes|No), it is", a) for a in answers)
 
 
+def test_reading_order_changes_only_the_dialogues_descriptions(corpus: CorpusPaths, tmp_path: Path) -> None:
+    ordered = build_corpora(tmp_path / "r", seed=3, sizes=SMALL, reading_order=True)
+    before, after = _files(corpus.root), _files(ordered.root)
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed <= {"multimodal/instruct_en.jsonl", "multimodal/instruct_zh.jsonl", "multimodal/captions_zh.jsonl",
+                       "manifest.json"} and "multimodal/instruct_en.jsonl" in changed
+    assert json.loads(after["manifest.json"])["descriptions"] == "reading order"
+    first_answers = [d["conversations"][1]["value"] for d in read_jsonl(ordered.instruct_en)]
+    assert any(re.match(r"There are (two|three) shapes\. ", a) for a in first_answers)
+
+
 def test_manifest_counts_match_files(corpus: CorpusPaths) -> None:
     manifest = json.loads(corpus.manifest.read_text(encoding="utf-8"))
     counts = manifest["counts"]

@@ -301,6 +301,7 @@ def build_corpora(
     evidence_first: bool = False,
     avoid_scenes: Collection[str] = (),
     robust: bool = False,
+    reading_order: bool = False,
 ) -> CorpusPaths:
     """Write every ShapesWorld file under ``out_dir`` (layout in the module docstring).
 
@@ -308,7 +309,8 @@ def build_corpora(
     out of all multimodal training data and make up half of the evaluation scenes.
     ``evidence_first`` words the instruction dialogues' yes/no answers evidence first (see
     :func:`~viscpm.shapes.language.realise`); every other file, the vocabulary included, is the same
-    as without it, so LLMs trained on either corpus serve both.
+    as without it, so LLMs trained on either corpus serve both. ``reading_order`` does the same for
+    the dialogues' descriptions (see :func:`~viscpm.shapes.language.describe`).
     ``avoid_scenes`` (scene keys, e.g. :func:`eval_scene_keys` of another corpus) never appear among
     the training images: a second corpus under another seed then adds training data without
     showing the first corpus's evaluation scenes.
@@ -335,7 +337,7 @@ def build_corpora(
     images = [_save_image(s, mm, i, image_size, drawing if robust and drawing.random() < ROBUST_DRAWN else None)
               for i, s in enumerate(train_scenes)]
     captions = [{"image": im, "caption": describe(s, "en", rng)} for im, s in zip(images, train_scenes)]
-    dialogue = partial(make_dialogue, avoid=heldout, evidence_first=evidence_first,
+    dialogue = partial(make_dialogue, avoid=heldout, evidence_first=evidence_first, reading_order=reading_order,
                        **(dict(generic_prob=ROBUST_GENERIC, switch_prob=ROBUST_SWITCH) if robust else {}))
     plain_en = [dialogue(s, "en", rng, rng.randint(1, sizes.max_turns)) for s in train_scenes]
     zh_ids = sorted(rng.sample(range(sizes.train_images), sizes.zh_instruct))
@@ -415,6 +417,7 @@ def build_corpora(
         "heldout_pairs": [list(p) for p in heldout],
         "yes_no_answers": "evidence first" if evidence_first else "verdict first",
         **({"robust": True} if robust else {}),
+        **({"descriptions": "reading order"} if reading_order else {}),
         **({"avoided_scenes": len(avoid_scenes)} if avoid_scenes else {}),
         "world": {"shapes": list(SHAPES), "colours": list(COLOURS), "sizes": list(SIZES), "grid": 3},
         "counts": counts,
@@ -485,6 +488,9 @@ def add_shapes_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--evidence-first", action="store_true",
                         help='word yes/no answers in the instruction dialogues as what is seen, then the verdict '
                              '("It is big. Yes.") instead of "Yes, it is big."')
+    parser.add_argument("--reading-order", action="store_true",
+                        help='word the instruction dialogues\' descriptions as the number of shapes, then each shape '
+                             'after its place, top row first ("There are two shapes. At the top left, there is …")')
     parser.add_argument("--robust", action="store_true",
                         help="vary the training data as people type and draw (reworded questions, PIL-drawn jittered "
                              "images, language switches) and write the robustness set eval/robust_qa.jsonl")
@@ -511,7 +517,8 @@ def run_shapes(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     start = time.perf_counter()
     avoid = eval_scene_keys(args.avoid_eval_of) if args.avoid_eval_of else ()
     paths = build_corpora(args.out, seed=args.seed, sizes=sizes, image_size=args.image_size,
-                          evidence_first=args.evidence_first, avoid_scenes=avoid, robust=args.robust)
+                          evidence_first=args.evidence_first, avoid_scenes=avoid, robust=args.robust,
+                          reading_order=args.reading_order)
     manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
     counts = manifest["counts"]
     print(f"ShapesWorld corpus written to {paths.root} in {time.perf_counter() - start:.1f}s: "

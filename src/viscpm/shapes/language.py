@@ -157,16 +157,34 @@ def _describe_zh(objects: Sequence[ShapeObject], rng: random.Random) -> str:
     return f"图里共有{n}个图形。" + "，".join(clauses[:-1]) + f"，还有一个{last_np}在{last_pos}。"
 
 
-def describe(scene: Scene, lang: str, rng: random.Random) -> str:
+def _describe_in_reading_order(objects: Sequence[ShapeObject], lang: str, rng: random.Random) -> str:
+    # The count first, then each shape at its place, row by row: the describer plans how many shapes
+    # it will list and visits each occupied cell once, as a raster scan does, so nothing is named twice.
+    objects = sorted(objects, key=lambda o: o.cell)
+    if lang == "en":
+        clauses = [rng.choice((f"{_cap(pos)}, there is {np_}", f"{_cap(pos)} is {np_}"))
+                   for np_, pos in ((_object_en(o, rng), rng.choice(POSITION_EN[o.position])) for o in objects)]
+        head = "There is one shape" if len(objects) == 1 else f"There are {NUMBER_EN[len(objects)]} shapes"
+        return f"{head}. " + ". ".join(clauses) + "."
+    clauses = [rng.choice((f"{pos}有一个{np_}", f"{pos}是一个{np_}"))
+               for np_, pos in ((_object_zh(o, rng), rng.choice(POSITION_ZH[o.position])) for o in objects)]
+    return f"画面中有{NUMBER_ZH[len(objects)]}个图形：" + "，".join(clauses) + "。"
+
+
+def describe(scene: Scene, lang: str, rng: random.Random, reading_order: bool = False) -> str:
     """A complete description of the scene (every object with all four attributes), in ``lang``.
 
     Objects are mentioned in a random order with one of several sentence patterns; the same
-    ``rng`` state gives the same text.
+    ``rng`` state gives the same text. ``reading_order`` states the number of shapes, then each
+    shape's place before the shape, top row first and left to right ("There are two shapes. At the top left,
+    there is a large green circle. In the bottom right corner is a small purple square.").
     """
     _check_lang(lang)
     if not scene.objects:
         return rng.choice(("The picture is empty.", "There is nothing in the picture.") if lang == "en"
                           else ("画面里什么也没有。", "这是一张空白的图片。"))
+    if reading_order:
+        return _describe_in_reading_order(scene.objects, lang, rng)
     objects = list(scene.objects)
     rng.shuffle(objects)
     return _describe_en(objects, rng) if lang == "en" else _describe_zh(objects, rng)
@@ -563,13 +581,14 @@ def make_qa(scene: Scene, lang: str, rng: random.Random, kind: str | None = None
 
 def make_dialogue(scene: Scene, lang: str, rng: random.Random, turns: int = 3, *,
                   avoid: Collection[Pair] = (), describe_prob: float = 0.25,
-                  follow_up_prob: float = 0.5, evidence_first: bool = False,
+                  follow_up_prob: float = 0.5, evidence_first: bool = False, reading_order: bool = False,
                   generic_prob: float = 0.0, switch_prob: float = 0.0) -> list[QA]:
     """A multi-turn conversation about ``scene`` in ``lang``.
 
     The first turn asks for a description with probability ``describe_prob``; after a question
     about one object, the next turn asks about the same object as "it"/"它" with probability
     ``follow_up_prob``, so later answers depend on earlier turns. ``evidence_first``: see :func:`realise`;
+    ``reading_order``: see :func:`describe`;
     ``generic_prob``: see :func:`plan_question`. ``switch_prob`` is the chance that a later turn is
     asked (and answered) in the other language, so the answer follows the question, not the dialogue.
     """
@@ -583,7 +602,7 @@ def make_dialogue(scene: Scene, lang: str, rng: random.Random, turns: int = 3, *
         if turn > 0 and switch_prob > 0:
             lang = ("zh" if first == "en" else "en") if rng.random() < switch_prob else first
         if turn == 0 and rng.random() < describe_prob:
-            dialogue.append(QA(rng.choice(DESCRIBE_QUESTIONS[lang]), describe(scene, lang, rng), DESCRIBE, "open",
+            dialogue.append(QA(rng.choice(DESCRIBE_QUESTIONS[lang]), describe(scene, lang, rng, reading_order), DESCRIBE, "open",
                                lang, (), scene.pairs))
             continue
         follow = previous is not None and rng.random() < follow_up_prob
