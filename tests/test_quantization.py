@@ -305,7 +305,9 @@ def test_int8_cache_decoding_equals_int8_full_forward(golden_llm, path, monkeypa
     rounding of the kernel's activations (the full pass of an fp32 model stays fp32), under 2 %
     (~1 % measured). W8A8: each path rounds its own activations to 8 bits, one row's grid against
     many rows' (FBGEMM's one asymmetric range per call); with this model's 32 channels per row the
-    steps are coarse: measured 1.2-3.2 %, so under 4 % (a real model's 4096 channels: ~0.5 %)."""
+    steps are coarse: measured 1.2-3.2 %, so under 4 % (a real model's 4096 channels: ~0.5 %). Without
+    VNNI (AVX2 only) FBGEMM keeps activations to 7 bits (``reduce_range``), steps twice as coarse: 4.8 %
+    measured on an AMD EPYC (Zen 3), so under 8 % there."""
     if path == "weight-only":
         monkeypatch.setattr(quantization, "FBGEMM", False)
     inputs = forward_inputs(length=24, batch=1)
@@ -317,7 +319,8 @@ def test_int8_cache_decoding_equals_int8_full_forward(golden_llm, path, monkeypa
     quantized(CPMBeeInputs(**{k: v[:, :18] for k, v in per_token.items()}, **shared), cache=cache)
     for t in range(18, 24):
         step = quantized(CPMBeeInputs(**{k: v[:, t : t + 1] for k, v in per_token.items()}, **shared), cache=cache).logits
-        assert (step[:, 0] - full[:, t]).norm() / full[:, t].norm() < (0.04 if path == "w8a8" else 0.02)
+        w8a8_bound = 0.04 if quantization._VNNI else 0.08
+        assert (step[:, 0] - full[:, t]).norm() / full[:, t].norm() < (w8a8_bound if path == "w8a8" else 0.02)
 
 
 def test_paint_with_an_int8_text_encoder_and_a_bf16_unet_paints_what_fp32_paints():

@@ -37,6 +37,11 @@ def right_half_mask():
     return Image.fromarray(mask)
 
 
+# The pipeline and the loop below do the same math in another op order: on an AVX2-only CPU one latent of
+# 1,024 ended 1.1-1.6e-5 away (of ~6e-3); a wrong strength, timestep or mask moves latents by ~1e-1.
+SAME_LOOP = dict(rtol=1e-3, atol=1e-4)
+
+
 def final_latents(painter, **options):
     kept = []
     results = painter.paint(PROMPT, num_inference_steps=STEPS, guidance_scale=7.5,
@@ -80,7 +85,7 @@ def reference_edit(painter, image, strength, mask=None, scheduler="ddpm", seed=3
 def test_img2img_equals_the_hand_written_loop_for_every_scheduler(painter, source, scheduler):
     results, latents = final_latents(painter, image=source, strength=0.5, scheduler=scheduler, seed=3)
     expected, _ = reference_edit(painter, source, 0.5, scheduler=scheduler)
-    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(latents, expected, **SAME_LOOP)
     assert results[0].metadata["edit"] == {"mode": "img2img", "strength": 0.5}
 
 
@@ -88,7 +93,7 @@ def test_inpainting_equals_the_hand_written_loop_and_keeps_unmasked_latents(pain
                                                                              right_half_mask):
     results, latents = final_latents(painter, image=source, mask_image=right_half_mask, seed=3)
     expected, _ = reference_edit(painter, source, 1.0, mask=right_half_mask)
-    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(latents, expected, **SAME_LOOP)
     image_latents = prepare_edit(painter.vae, painter.vae_scale_factor, source, right_half_mask, None, SIZE, SIZE).latents
     half = latents.shape[-1] // 2
     assert torch.equal(latents[..., :half], image_latents[..., :half])  # the kept half: the image's own latents, bit for bit
