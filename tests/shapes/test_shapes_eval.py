@@ -67,6 +67,22 @@ def test_caption_scores_run(eval_dir):
     assert 0.0 <= result["caption_exact_pairs"] <= 1.0 and result["caption_items"] > 0
 
 
+def test_captions_that_leave_shapes_out_are_counted(eval_dir):
+    """The caption request gets one shape named: every scene of two or three shapes is a caption that omits one."""
+    items = read_jsonl(eval_dir / "qa.jsonl")
+    scenes = {i["image"]: Scene.from_dict(i["scene"]) for i in items}
+    several = sum(len(scene) > 1 for scene in scenes.values()) / len(scenes)
+    result = evaluate_captions(Oracle(eval_dir), eval_dir)  # "a red circle and a blue square": two shapes
+    assert result["caption_omitted_shapes"] == pytest.approx(sum(len(s) > 2 for s in scenes.values()) / len(scenes))
+
+    class OneShape(Oracle):
+        def batch_chat(self, images, questions, **options):
+            return ["There is a big red circle in the middle."] * len(images)
+
+    assert evaluate_captions(OneShape(eval_dir), eval_dir)["caption_omitted_shapes"] == pytest.approx(several)
+    assert 0 < several < 1
+
+
 class Renderer:
     """A 'painter' that renders the prompt's own scene (perfect) or a blank canvas."""
 

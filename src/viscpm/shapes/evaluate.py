@@ -3,7 +3,8 @@
 * QA accuracy per language (the attribute read from the free-text answer, in either language),
   the answer-language match rate, accuracy on the held-out colour–shape compositions;
 * caption accuracy: the (colour, shape) pairs a caption names equal the scene's; how often a caption
-  invents a shape (describes more shapes than there are) or repeats one (names a pair more often than it occurs);
+  invents a shape (describes more shapes than there are), leaves one out (describes fewer) or repeats one
+  (names a pair more often than it occurs);
 * the same on the robustness set (``eval/robust_qa.jsonl`` of a ``--robust`` corpus): the questions
   reworded as people type them, the scenes drawn by PIL, reported beside the canonical set;
 * paint adherence: the painted image reads back (pixel analyser) as exactly the prompt's scene —
@@ -122,8 +123,9 @@ def evaluate_captions(chat, eval_dir: Path, limit: int | None = None, num_beams:
         batch = images[start : start + CHAT_BATCH]
         captions += chat.batch_chat([eval_dir / b for b in batch], [CAPTION_QUESTION] * len(batch),
                                     num_beams=num_beams, max_new_tokens=MAX_NEW_TOKENS)
-    exact, recall, invented, repeated = [], [], [], []
+    exact, recall, invented, omitted, repeated = [], [], [], [], []
     for image, caption in zip(images, captions):
+        omitted.append(len(caption_mentions(caption)) < len(scenes[image]))
         truth = set(scenes[image].pairs)
         named = caption_pairs(caption)
         exact.append(named == truth)
@@ -132,7 +134,8 @@ def evaluate_captions(chat, eval_dir: Path, limit: int | None = None, num_beams:
         invented.append(invents)
         repeated.append(repeats)
     return {"caption_exact_pairs": _rate(exact), "caption_pair_recall": sum(recall) / max(1, len(recall)),
-            "caption_invented_shapes": _rate(invented), "caption_repeated_shapes": _rate(repeated),
+            "caption_invented_shapes": _rate(invented), "caption_omitted_shapes": _rate(omitted),
+            "caption_repeated_shapes": _rate(repeated),
             "caption_items": len(images), "caption_example": captions[:2]}
 
 
