@@ -5,8 +5,9 @@
 #
 # Independent stages run side by side, one core each (OMP_NUM_THREADS=1). Outputs: data/shapes,
 # runs/shapes/*, runs/shapes/eval-*.json. The shipped default is row b (chat, evidence first, llm_learning_rate,
-# continued on three seeds' data) + paint-zhplus; package it with
-#   python scripts/package_default.py runs/shapes/chat-sft-256-ev-llmlr-more/final runs/shapes/paint-zhplus/final
+# continued on three seeds' data, then on v3's varied data and v3.1's reading-order descriptions) + paint-zhplus;
+# package it with
+#   python scripts/package_default.py runs/shapes/chat-reading-settle/final runs/shapes/paint-zhplus/final
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -94,6 +95,20 @@ viscpm train paint-xattn --config $C/paint-zhplus.toml --set model.init=../../ru
     --set "data.train=[\"../../data/shapes/multimodal/captions.jsonl\", \"../../data/shapes/multimodal/captions_zh.jsonl\", \"$D-s1/multimodal/captions.jsonl\", \"$D-s1/multimodal/captions_zh.jsonl\", \"$D-s2/multimodal/captions.jsonl\", \"$D-s2/multimodal/captions_zh.jsonl\"]" \
     --set train.max_steps=3000 --set train.seed=2 --set train.output_dir=../../runs/shapes/paint-zhplus-more
 
+# v3: the chat above continued on data varied as people type and draw (docs/shapesworld.md: v3), three rounds
+viscpm data shapes --out data/shapes-robust --evidence-first --robust --zh-instruct 6400
+viscpm data shapes --out data/shapes-robust-1 --seed 1 --evidence-first --robust --zh-instruct 6400 --avoid-eval-of data/shapes-robust
+viscpm data shapes --out data/shapes-2 --seed 2 --evidence-first --zh-instruct 3200 --avoid-eval-of data/shapes-robust
+viscpm train chat-sft --config $C/chat-robust.toml --set model.init=../../runs/shapes/chat-sft-256-ev-llmlr-more/final
+viscpm train chat-sft --config $C/chat-robust-more.toml
+viscpm train chat-sft --config $C/chat-robust-settle.toml
+# v3.1: descriptions in reading order (the count, then each shape after its place), two rounds: the packaged chat
+viscpm data shapes --out data/shapes-ro --evidence-first --robust --reading-order --zh-instruct 6400
+viscpm data shapes --out data/shapes-ro-1 --seed 1 --evidence-first --robust --reading-order --zh-instruct 6400 --avoid-eval-of data/shapes-ro
+viscpm data shapes --out data/shapes-ro-2 --seed 2 --evidence-first --reading-order --zh-instruct 3200 --avoid-eval-of data/shapes-ro
+viscpm train chat-sft --config $C/chat-reading.toml --set model.init=../../runs/shapes/chat-robust-settle/final
+viscpm train chat-sft --config $C/chat-reading-settle.toml
+
 # 64 queries (VisCPM's count; one per 8x8 patch here) instead of 16: chat-align again over lm-256,
 # then one SFT run on the three seeds' evidence-first dialogues at the packaged recipe's rates
 # (max_tokens + 48 keeps the same text budget)
@@ -138,6 +153,9 @@ viscpm eval shapes --data data/shapes --paint runs/shapes/paint-zhplus/final --s
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-ev-llmlr-more/final --skip-paint --out runs/shapes/eval-b-256-more.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-ev-llmlr-more2/final --skip-paint --out runs/shapes/eval-b-256-more2.json
 viscpm eval shapes --data data/shapes --paint runs/shapes/paint-zhplus-more/final --skip-chat --out runs/shapes/eval-paint-zhplus-more.json
+viscpm eval shapes --data data/shapes-robust --chat runs/shapes/chat-robust-settle/final --skip-paint --out runs/shapes/eval-robust-settle.json
+viscpm eval shapes --data data/shapes-ro --chat runs/shapes/chat-reading/final --skip-paint --out runs/shapes/eval-reading.json
+viscpm eval shapes --data data/shapes-ro --chat runs/shapes/chat-reading-settle/final --skip-paint --out runs/shapes/eval-reading-settle.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-q64/final --skip-paint --out runs/shapes/eval-b-256-q64.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-q64-more/final --skip-paint --out runs/shapes/eval-b-256-q64-more.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-q64-zh3/final --skip-paint --out runs/shapes/eval-b-256-q64-zh3.json
