@@ -69,6 +69,18 @@ def test_reading_order_changes_only_the_dialogues_descriptions(corpus: CorpusPat
     assert any(re.match(r"There are (two|three) shapes\. ", a) for a in first_answers)
 
 
+def test_describe_share_sets_how_many_dialogues_open_with_a_description(tmp_path: Path) -> None:
+    def opening_descriptions(share: float) -> float:
+        paths = build_corpora(tmp_path / str(share), seed=3, sizes=SMALL, reading_order=True, describe_share=share)
+        dialogues = read_jsonl(paths.instruct_en)
+        return sum(re.match(r"There (is one shape|are \w+ shapes)\. ", d["conversations"][1]["value"]) is not None
+                   for d in dialogues) / len(dialogues)
+
+    assert opening_descriptions(0.0) == 0 and opening_descriptions(1.0) == 1
+    with pytest.raises(ValueError, match="describe_share"):
+        build_corpora(tmp_path / "bad", seed=3, sizes=SMALL, describe_share=1.5)
+
+
 def test_manifest_counts_match_files(corpus: CorpusPaths) -> None:
     manifest = json.loads(corpus.manifest.read_text(encoding="utf-8"))
     counts = manifest["counts"]

@@ -41,9 +41,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
-from .language import (COLOUR_ZH, DESCRIBE_QUESTIONS, KINDS, LANGS, POSITION_EN, POSITION_ZH, SHAPE_EN, SHAPE_ZH,
-                       SIZE_EN, SIZE_ZH, ZH_WORDS, QA, QuestionPlan, describe, describe_object, make_dialogue,
-                       plan_question, realise)
+from .language import (COLOUR_ZH, DESCRIBE_QUESTIONS, DESCRIBE_SHARE, KINDS, LANGS, POSITION_EN, POSITION_ZH,
+                       SHAPE_EN, SHAPE_ZH, SIZE_EN, SIZE_ZH, ZH_WORDS, QA, QuestionPlan, describe, describe_object,
+                       make_dialogue, plan_question, realise)
 from .pixels import render
 from .variation import draw, vary_question
 from .world import COLOURS, HELDOUT_PAIRS, SHAPES, SIZES, Pair, Scene, ShapeObject, sample_scene
@@ -302,6 +302,7 @@ def build_corpora(
     avoid_scenes: Collection[str] = (),
     robust: bool = False,
     reading_order: bool = False,
+    describe_share: float = DESCRIBE_SHARE,
 ) -> CorpusPaths:
     """Write every ShapesWorld file under ``out_dir`` (layout in the module docstring).
 
@@ -310,7 +311,8 @@ def build_corpora(
     ``evidence_first`` words the instruction dialogues' yes/no answers evidence first (see
     :func:`~viscpm.shapes.language.realise`); every other file, the vocabulary included, is the same
     as without it, so LLMs trained on either corpus serve both. ``reading_order`` does the same for
-    the dialogues' descriptions (see :func:`~viscpm.shapes.language.describe`).
+    the dialogues' descriptions (see :func:`~viscpm.shapes.language.describe`). ``describe_share`` is the
+    share of dialogues that open with a request for a description.
     ``avoid_scenes`` (scene keys, e.g. :func:`eval_scene_keys` of another corpus) never appear among
     the training images: a second corpus under another seed then adds training data without
     showing the first corpus's evaluation scenes.
@@ -337,7 +339,10 @@ def build_corpora(
     images = [_save_image(s, mm, i, image_size, drawing if robust and drawing.random() < ROBUST_DRAWN else None)
               for i, s in enumerate(train_scenes)]
     captions = [{"image": im, "caption": describe(s, "en", rng)} for im, s in zip(images, train_scenes)]
+    if not 0 <= describe_share <= 1:
+        raise ValueError(f"describe_share is a share of dialogues, 0 to 1; got {describe_share}")
     dialogue = partial(make_dialogue, avoid=heldout, evidence_first=evidence_first, reading_order=reading_order,
+                       describe_prob=describe_share,
                        **(dict(generic_prob=ROBUST_GENERIC, switch_prob=ROBUST_SWITCH) if robust else {}))
     plain_en = [dialogue(s, "en", rng, rng.randint(1, sizes.max_turns)) for s in train_scenes]
     zh_ids = sorted(rng.sample(range(sizes.train_images), sizes.zh_instruct))
@@ -418,6 +423,7 @@ def build_corpora(
         "yes_no_answers": "evidence first" if evidence_first else "verdict first",
         **({"robust": True} if robust else {}),
         **({"descriptions": "reading order"} if reading_order else {}),
+        **({"describe_share": describe_share} if describe_share != DESCRIBE_SHARE else {}),
         **({"avoided_scenes": len(avoid_scenes)} if avoid_scenes else {}),
         "world": {"shapes": list(SHAPES), "colours": list(COLOURS), "sizes": list(SIZES), "grid": 3},
         "counts": counts,
@@ -491,6 +497,9 @@ def add_shapes_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--reading-order", action="store_true",
                         help='word the instruction dialogues\' descriptions as the number of shapes, then each shape '
                              'after its place, top row first ("There are two shapes. At the top left, there is …")')
+    parser.add_argument("--describe-share", type=float, default=DESCRIBE_SHARE,
+                        help="share of instruction dialogues that open with a request for a description "
+                             f"(default {DESCRIBE_SHARE})")
     parser.add_argument("--robust", action="store_true",
                         help="vary the training data as people type and draw (reworded questions, PIL-drawn jittered "
                              "images, language switches) and write the robustness set eval/robust_qa.jsonl")
@@ -518,7 +527,7 @@ def run_shapes(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     avoid = eval_scene_keys(args.avoid_eval_of) if args.avoid_eval_of else ()
     paths = build_corpora(args.out, seed=args.seed, sizes=sizes, image_size=args.image_size,
                           evidence_first=args.evidence_first, avoid_scenes=avoid, robust=args.robust,
-                          reading_order=args.reading_order)
+                          reading_order=args.reading_order, describe_share=args.describe_share)
     manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
     counts = manifest["counts"]
     print(f"ShapesWorld corpus written to {paths.root} in {time.perf_counter() - start:.1f}s: "

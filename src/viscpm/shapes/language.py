@@ -579,8 +579,11 @@ def make_qa(scene: Scene, lang: str, rng: random.Random, kind: str | None = None
     return realise(plan_question(scene, rng, kind, form=form, avoid=avoid), lang, rng)
 
 
+DESCRIBE_SHARE = 0.25  # of dialogues opening with a request for a description, unless a corpus asks otherwise
+
+
 def make_dialogue(scene: Scene, lang: str, rng: random.Random, turns: int = 3, *,
-                  avoid: Collection[Pair] = (), describe_prob: float = 0.25,
+                  avoid: Collection[Pair] = (), describe_prob: float = DESCRIBE_SHARE,
                   follow_up_prob: float = 0.5, evidence_first: bool = False, reading_order: bool = False,
                   generic_prob: float = 0.0, switch_prob: float = 0.0) -> list[QA]:
     """A multi-turn conversation about ``scene`` in ``lang``.
