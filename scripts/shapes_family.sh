@@ -108,6 +108,9 @@ viscpm data shapes --out data/shapes-ro-1 --seed 1 --evidence-first --robust --r
 viscpm data shapes --out data/shapes-ro-2 --seed 2 --evidence-first --reading-order --zh-instruct 3200 --avoid-eval-of data/shapes-ro
 viscpm train chat-sft --config $C/chat-reading.toml --set model.init=../../runs/shapes/chat-robust-settle/final
 viscpm train chat-sft --config $C/chat-reading-settle.toml
+# descriptions asked for in 60 % of dialogues, on top of v3.1 (not packaged: docs/shapesworld.md)
+viscpm data shapes --out data/shapes-ro-3 --seed 3 --evidence-first --robust --reading-order --describe-share 0.6 --zh-instruct 6400 --avoid-eval-of data/shapes-ro
+viscpm train chat-sft --config $C/chat-describe.toml --set model.init=../../runs/shapes/chat-reading-settle/final
 
 # 64 queries (VisCPM's count; one per 8x8 patch here) instead of 16: chat-align again over lm-256,
 # then one SFT run on the three seeds' evidence-first dialogues at the packaged recipe's rates
@@ -156,6 +159,7 @@ viscpm eval shapes --data data/shapes --paint runs/shapes/paint-zhplus-more/fina
 viscpm eval shapes --data data/shapes-robust --chat runs/shapes/chat-robust-settle/final --skip-paint --out runs/shapes/eval-robust-settle.json
 viscpm eval shapes --data data/shapes-ro --chat runs/shapes/chat-reading/final --skip-paint --out runs/shapes/eval-reading.json
 viscpm eval shapes --data data/shapes-ro --chat runs/shapes/chat-reading-settle/final --skip-paint --out runs/shapes/eval-reading-settle.json
+viscpm eval shapes --data data/shapes-ro --chat runs/shapes/chat-describe/final --skip-paint --out runs/shapes/eval-describe.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-q64/final --skip-paint --out runs/shapes/eval-b-256-q64.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-q64-more/final --skip-paint --out runs/shapes/eval-b-256-q64-more.json
 viscpm eval shapes --data data/shapes --chat runs/shapes/chat-sft-256-q64-zh3/final --skip-paint --out runs/shapes/eval-b-256-q64-zh3.json
