@@ -317,6 +317,8 @@ def build_corpora(
     the training images: a second corpus under another seed then adds training data without
     showing the first corpus's evaluation scenes.
     """
+    if not 0 <= describe_share <= 1:  # before any image is drawn
+        raise ValueError(f"describe_share is a share of dialogues, 0 to 1; got {describe_share}")
     sizes = sizes or CorpusSizes()
     heldout = tuple((str(c), str(s)) for c, s in heldout)
     if not heldout and sizes.eval_images:
@@ -339,8 +341,6 @@ def build_corpora(
     images = [_save_image(s, mm, i, image_size, drawing if robust and drawing.random() < ROBUST_DRAWN else None)
               for i, s in enumerate(train_scenes)]
     captions = [{"image": im, "caption": describe(s, "en", rng)} for im, s in zip(images, train_scenes)]
-    if not 0 <= describe_share <= 1:
-        raise ValueError(f"describe_share is a share of dialogues, 0 to 1; got {describe_share}")
     dialogue = partial(make_dialogue, avoid=heldout, evidence_first=evidence_first, reading_order=reading_order,
                        describe_prob=describe_share,
                        **(dict(generic_prob=ROBUST_GENERIC, switch_prob=ROBUST_SWITCH) if robust else {}))

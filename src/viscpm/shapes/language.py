@@ -158,8 +158,8 @@ def _describe_zh(objects: Sequence[ShapeObject], rng: random.Random) -> str:
 
 
 def _describe_in_reading_order(objects: Sequence[ShapeObject], lang: str, rng: random.Random) -> str:
-    # The count first, then each shape at its place, row by row: the describer plans how many shapes
-    # it will list and visits each occupied cell once, as a raster scan does, so nothing is named twice.
+    # The count first, then each shape at its place, row by row, as a raster scan: the describer knows how
+    # many shapes it will list and which comes next, instead of choosing among the rest in a random order.
     objects = sorted(objects, key=lambda o: o.cell)
     if lang == "en":
         clauses = [rng.choice((f"{_cap(pos)}, there is {np_}", f"{_cap(pos)} is {np_}"))
@@ -605,8 +605,8 @@ def make_dialogue(scene: Scene, lang: str, rng: random.Random, turns: int = 3, *
         if turn > 0 and switch_prob > 0:
             lang = ("zh" if first == "en" else "en") if rng.random() < switch_prob else first
         if turn == 0 and rng.random() < describe_prob:
-            dialogue.append(QA(rng.choice(DESCRIBE_QUESTIONS[lang]), describe(scene, lang, rng, reading_order), DESCRIBE, "open",
-                               lang, (), scene.pairs))
+            dialogue.append(QA(rng.choice(DESCRIBE_QUESTIONS[lang]), describe(scene, lang, rng, reading_order),
+                               DESCRIBE, "open", lang, (), scene.pairs))
             continue
         follow = previous is not None and rng.random() < follow_up_prob
         kind = rng.choice(_OBJECT_KINDS) if follow else None
